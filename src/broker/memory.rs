@@ -1,0 +1,254 @@
+//! The embedded broker: pub/sub and bounded history inside the process, so a
+//! single node runs with no Redis at all.
+//!
+//! History mirrors what the Redis backend keeps in streams: ids in stream-id
+//! form, at most `history_size` entries per channel, a channel's history
+//! dropped once idle for `history_ttl`, and the largest trimmed id remembered
+//! (Redis' `max-deleted-entry-id`) so a replay that would skip trimmed
+//! entries is reported as a [`History::Gap`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use super::{BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History};
+use crate::channel::Channel;
+use crate::envelope::{self, now_ms, StreamId};
+
+/// In-process broker for a single node.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Channel histories. A std mutex: it is never held across an `.await`,
+    /// and every critical section is a few pointer moves.
+    channels: Mutex<HashMap<Channel, Log>>,
+    /// Where published messages go; sent under the lock so they arrive in id
+    /// order.
+    deliveries: Deliveries,
+    history_size: usize,
+    history_ttl: Duration,
+}
+
+struct Log {
+    entries: VecDeque<Entry>,
+    /// Newest id ever assigned, so ids stay monotonic after trimming.
+    last_id: StreamId,
+    /// Newest id trimmed away; a replay from before it has a gap.
+    max_deleted: Option<StreamId>,
+    last_write: Instant,
+}
+
+impl MemoryBroker {
+    /// A broker delivering into `deliveries`; spawns a task that drops idle
+    /// histories (it ends when the broker is dropped).
+    pub fn new(deliveries: Deliveries, history_size: usize, history_ttl: Duration) -> Self {
+        let shared = Arc::new(Shared {
+            channels: Mutex::new(HashMap::new()),
+            deliveries,
+            history_size: history_size.max(1),
+            history_ttl,
+        });
+        tokio::spawn(sweep_expired(Arc::downgrade(&shared)));
+        MemoryBroker { shared }
+    }
+
+    fn channels(&self) -> MutexGuard<'_, HashMap<Channel, Log>> {
+        lock(&self.shared.channels)
+    }
+
+    /// The live log of a channel, treating an idle-expired one as absent.
+    fn live_log<'a>(
+        &self,
+        channels: &'a mut HashMap<Channel, Log>,
+        channel: &Channel,
+    ) -> Option<&'a mut Log> {
+        let expired = channels
+            .get(channel)
+            .is_some_and(|log| log.last_write.elapsed() > self.shared.history_ttl);
+        if expired {
+            channels.remove(channel);
+        }
+        channels.get_mut(channel)
+    }
+}
+
+/// Locks, recovering from poisoning: every critical section leaves the map
+/// consistent, so a panic elsewhere must not take the broker down.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn sweep_expired(shared: Weak<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let ttl = shared.history_ttl;
+        lock(&shared.channels).retain(|_, log| log.last_write.elapsed() <= ttl);
+    }
+}
+
+impl Broker for MemoryBroker {
+    fn publish<'a>(
+        &'a self,
+        channel: &'a Channel,
+        event: Option<&'a str>,
+        data: &'a RawValue,
+    ) -> BoxFuture<'a, Result<StreamId, BrokerError>> {
+        let result = (|| {
+            let mut channels = self.channels();
+            let fresh = self.live_log(&mut channels, channel).is_none();
+            if fresh {
+                channels.insert(
+                    channel.clone(),
+                    Log {
+                        entries: VecDeque::new(),
+                        last_id: StreamId::ZERO,
+                        max_deleted: None,
+                        last_write: Instant::now(),
+                    },
+                );
+            }
+            let log = channels.get_mut(channel).ok_or(BrokerError::Closed)?;
+            let ts = now_ms();
+            let id = log.last_id.next_after(ts);
+            let payload = Bytes::from(envelope::encode(Some(id), event, data, ts));
+            log.last_id = id;
+            log.last_write = Instant::now();
+            log.entries.push_back((id, payload.clone()));
+            while log.entries.len() > self.shared.history_size {
+                if let Some((old, _)) = log.entries.pop_front() {
+                    log.max_deleted = Some(old);
+                }
+            }
+            self.shared
+                .deliveries
+                .send(Delivery::Message {
+                    channel: channel.clone(),
+                    payload,
+                })
+                .map_err(|_| BrokerError::Closed)?;
+            Ok(id)
+        })();
+        Box::pin(async move { result })
+    }
+
+    fn subscribe(&self, _channel: &Channel) -> BoxFuture<'static, Result<(), BrokerError>> {
+        // Every publish is delivered to this node's hub, which keeps only the
+        // channels it has connections for: subscribing is immediate.
+        Box::pin(async { Ok(()) })
+    }
+
+    fn unsubscribe(&self, _channel: &Channel) {}
+
+    fn history_after<'a>(
+        &'a self,
+        channel: &'a Channel,
+        after: StreamId,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<History, BrokerError>> {
+        let mut channels = self.channels();
+        let history = match self.live_log(&mut channels, channel) {
+            None if after == StreamId::ZERO => History::Entries(Vec::new()),
+            None => History::Gap,
+            Some(log) => {
+                let trimmed_past = log.max_deleted.is_some_and(|d| d > after);
+                if trimmed_past || after > log.last_id {
+                    History::Gap
+                } else {
+                    let start = log.entries.partition_point(|(id, _)| *id <= after);
+                    if log.entries.len() - start > limit {
+                        History::Gap
+                    } else {
+                        History::Entries(log.entries.range(start..).cloned().collect())
+                    }
+                }
+            }
+        };
+        drop(channels);
+        Box::pin(async move { Ok(history) })
+    }
+
+    fn tip<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<StreamId, BrokerError>> {
+        let mut channels = self.channels();
+        let tip = self
+            .live_log(&mut channels, channel)
+            .map_or(StreamId::ZERO, |log| log.last_id);
+        drop(channels);
+        Box::pin(async move { Ok(tip) })
+    }
+
+    fn is_connected(&self) -> bool {
+        !self.shared.deliveries.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    fn data(n: u32) -> Box<RawValue> {
+        RawValue::from_string(n.to_string()).expect("json")
+    }
+
+    #[tokio::test]
+    async fn history_is_bounded_and_gaps_are_reported() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let broker = MemoryBroker::new(tx, 3, Duration::from_secs(60));
+        let ch = Channel::parse("user:a").expect("valid");
+        let mut ids = Vec::new();
+        for n in 0..5 {
+            ids.push(broker.publish(&ch, None, &data(n)).await.expect("publish"));
+        }
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+        for _ in 0..5 {
+            assert!(matches!(rx.recv().await, Some(Delivery::Message { .. })));
+        }
+        assert_eq!(broker.tip(&ch).await.expect("tip"), ids[4]);
+        match broker.history_after(&ch, ids[1], 10).await.expect("read") {
+            History::Entries(e) => {
+                assert_eq!(e.iter().map(|(id, _)| *id).collect::<Vec<_>>(), ids[2..])
+            }
+            History::Gap => panic!("ids[2..] are retained"),
+        }
+        assert!(matches!(
+            broker.history_after(&ch, ids[0], 10).await,
+            Ok(History::Gap)
+        ));
+        assert!(matches!(
+            broker.history_after(&ch, ids[1], 2).await,
+            Ok(History::Gap)
+        ));
+        let other = Channel::parse("user:b").expect("valid");
+        assert!(
+            matches!(broker.history_after(&other, StreamId::ZERO, 10).await, Ok(History::Entries(e)) if e.is_empty())
+        );
+        assert!(matches!(
+            broker.history_after(&other, ids[0], 10).await,
+            Ok(History::Gap)
+        ));
+    }
+
+    #[tokio::test]
+    async fn idle_history_expires() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let broker = MemoryBroker::new(tx, 10, Duration::from_millis(1));
+        let ch = Channel::parse("topic:t").expect("valid");
+        let id = broker.publish(&ch, None, &data(1)).await.expect("publish");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(broker.tip(&ch).await.expect("tip"), StreamId::ZERO);
+        assert!(matches!(
+            broker.history_after(&ch, id, 10).await,
+            Ok(History::Gap)
+        ));
+    }
+}

@@ -1,0 +1,278 @@
+//! Command line and environment configuration.
+//!
+//! Every flag of `herald serve` also reads `HERALD_<FLAG>` (clap's `env`), so
+//! a systemd env-file or a container's environment configures a node without
+//! a wrapper script. Durations (`500ms`, `15s`, `24h`) and sizes (`64KiB`) are
+//! parsed here, once, with errors that name the offending value.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// `herald`: notification fanout over Server-Sent Events.
+#[derive(Debug, Parser)]
+#[command(name = "herald", version, about)]
+pub struct Cli {
+    /// What to do; `serve` when omitted (see [`Cli::parse_with_default`]).
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// Parses the process arguments, treating `herald [flags]` as
+    /// `herald serve [flags]` so the common case needs no subcommand.
+    pub fn parse_with_default() -> Self {
+        Self::parse_from(with_default_command(std::env::args_os().collect()))
+    }
+}
+
+/// Inserts `serve` when the first argument is a flag (or absent), keeping
+/// `--help` and `--version` for the top-level command.
+fn with_default_command(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    let top_level = matches!(first, "-h" | "--help" | "-V" | "--version" | "help");
+    if !top_level && (first.is_empty() || first.starts_with('-')) {
+        args.insert(1.min(args.len()), "serve".into());
+    }
+    args
+}
+
+/// Subcommands of the `herald` binary.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node (the default).
+    Serve(ServeConfig),
+    /// Mint a token with the configured key (for tests and demos).
+    Token(TokenArgs),
+    /// Publish one message through the same path as `POST /publish`.
+    Publish(PublishArgs),
+}
+
+/// Flags that configure token verification and signing.
+#[derive(Debug, Clone, Args, Default)]
+pub struct KeyConfig {
+    /// HS256/384/512 shared secret.
+    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file with an RS*/PS*/ES*/EdDSA verification key.
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "HERALD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "HERALD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Clock skew allowed for `exp` and `nbf`.
+    #[arg(long, env = "HERALD_JWT_LEEWAY", default_value = "30s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+}
+
+/// Everything a node needs to run.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Public listener: SSE, publish API, demo page.
+    #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Private listener: /metrics, /healthz, /readyz.
+    #[arg(long, env = "HERALD_ADMIN_LISTEN", default_value = "127.0.0.1:9180")]
+    pub admin_listen: SocketAddr,
+    /// Redis backbone (redis:// or rediss://); unset = embedded broker.
+    #[arg(long, env = "HERALD_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Namespace for Redis keys and channels.
+    #[arg(long, env = "HERALD_CHANNEL_PREFIX", default_value = "herald")]
+    pub channel_prefix: String,
+    /// Token verification.
+    #[command(flatten)]
+    pub keys: KeyConfig,
+    /// Cookie carrying the JWT for browsers.
+    #[arg(long, env = "HERALD_COOKIE_NAME", default_value = "herald_token")]
+    pub cookie_name: String,
+    /// Also accept `?access_token=` (it leaks into access logs; opt-in).
+    #[arg(long, env = "HERALD_ALLOW_QUERY_TOKEN")]
+    pub allow_query_token: bool,
+    /// Exact allowed CORS origin (repeatable); credentials are allowed for these only.
+    #[arg(
+        long = "cors-origin",
+        env = "HERALD_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
+    /// SSE comment ping on idle connections.
+    #[arg(long, env = "HERALD_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    /// `retry:` hint sent to clients on connect.
+    #[arg(long, env = "HERALD_RETRY", default_value = "2s", value_parser = parse_duration)]
+    pub retry: Duration,
+    /// Per-connection pending events before it is cut as slow.
+    #[arg(long, env = "HERALD_QUEUE_CAPACITY", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue_capacity: u32,
+    /// Connections per node; beyond it new ones get 503.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Connections per user per node; beyond it new ones get 429.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
+    pub max_connections_per_user: usize,
+    /// Entries kept per channel for replay.
+    #[arg(long, env = "HERALD_HISTORY_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub history_size: u32,
+    /// Idle channel history expires after this.
+    #[arg(long, env = "HERALD_HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+    /// Largest accepted message (the envelope's `data`).
+    #[arg(long, env = "HERALD_MAX_PAYLOAD", default_value = "64KiB", value_parser = parse_size)]
+    pub max_payload: usize,
+    /// Graceful shutdown budget.
+    #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// `herald token`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// Signing key: `--jwt-secret` (a PEM public key cannot sign).
+    #[command(flatten)]
+    pub keys: KeyConfig,
+    /// The user id (`sub`).
+    #[arg(long)]
+    pub sub: String,
+    /// Topics the token may subscribe to (patterns, comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub topics: Vec<String>,
+    /// Channels the token may publish to (patterns, comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub publish: Vec<String>,
+    /// Lifetime of the token.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+}
+
+/// `herald publish`.
+#[derive(Debug, Clone, Args)]
+pub struct PublishArgs {
+    /// Signing key for the publish token, and Redis settings for direct publishing.
+    #[command(flatten)]
+    pub keys: KeyConfig,
+    /// Node to publish through (ignored with --redis-url).
+    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Publish straight to Redis with the publish script instead of over HTTP.
+    #[arg(long, env = "HERALD_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Namespace for Redis keys and channels (with --redis-url).
+    #[arg(long, env = "HERALD_CHANNEL_PREFIX", default_value = "herald")]
+    pub channel_prefix: String,
+    /// History entries kept per channel (with --redis-url).
+    #[arg(long, env = "HERALD_HISTORY_SIZE", default_value_t = 1000)]
+    pub history_size: u32,
+    /// History TTL (with --redis-url).
+    #[arg(long, env = "HERALD_HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+    /// A ready-made publisher token instead of minting one from --jwt-secret.
+    #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Target channel: `user:<id>`, `broadcast` or `topic:<name>`.
+    #[arg(long)]
+    pub channel: String,
+    /// Event name (default `message`).
+    #[arg(long)]
+    pub event: Option<String>,
+    /// The data: JSON if it parses as JSON, else sent as a string.
+    pub data: String,
+}
+
+/// Parses `500ms`, `15s`, `2m`, `24h`, `1d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (examples: 500ms, 15s, 24h)"))?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` in `{text}` (use ms, s, m, h, d)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|_| format!("`{text}` is out of range"))
+}
+
+/// Parses `65536`, `64KiB`, `1MiB`, `64KB` (KB/MB are decimal).
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: usize = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (examples: 65536, 64KiB, 1MiB)"))?;
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{text}` (use B, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    value
+        .checked_mul(scale)
+        .ok_or_else(|| format!("`{text}` is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64KiB"), Ok(65_536));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn serve_is_the_default_command() {
+        let args = ["herald", "--heartbeat", "1s"].map(Into::into).to_vec();
+        let cli = Cli::try_parse_from(with_default_command(args)).expect("parses");
+        let Command::Serve(serve) = cli.command else {
+            panic!("expected serve")
+        };
+        assert_eq!(serve.heartbeat, Duration::from_secs(1));
+        assert_eq!(serve.max_payload, 65_536);
+        let args = ["herald", "token", "--sub", "a"].map(Into::into).to_vec();
+        let cli = Cli::try_parse_from(with_default_command(args)).expect("parses");
+        assert!(matches!(cli.command, Command::Token(_)));
+    }
+}

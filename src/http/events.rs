@@ -1,0 +1,108 @@
+//! `GET /events`: authenticate, pick channels, start a session, stream it.
+
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use tokio_util::sync::CancellationToken;
+
+use super::{ApiError, AppState};
+use crate::channel::Channel;
+use crate::server::ConnectionKill;
+use crate::session::Session;
+
+/// Most topics one connection may ask for.
+const MAX_TOPICS: usize = 64;
+
+pub(super) async fn events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    kill: Option<Extension<ConnectionKill>>,
+) -> Response {
+    match open(&state, &headers, query.as_deref(), kill).await {
+        Ok(response) => response,
+        Err(error) => {
+            error.count_rejected();
+            error.into_response()
+        }
+    }
+}
+
+async fn open(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    kill: Option<Extension<ConnectionKill>>,
+) -> Result<Response, ApiError> {
+    let mut topics = Vec::new();
+    let mut query_token = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*key {
+            "topic" => topics.push(value.into_owned()),
+            "access_token" if state.allow_query_token => query_token = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    let (token, _) = crate::auth::find_token(headers, &state.cookie_name, query_token.as_deref())
+        .ok_or(crate::auth::AuthError::Missing)?;
+    let claims = state.verifier.verify(token)?;
+
+    let user = Channel::user(&claims.sub).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let mut channels = vec![user, Channel::broadcast()];
+    if topics.len() > MAX_TOPICS {
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_TOPICS} topics per connection"
+        )));
+    }
+    for name in topics {
+        let channel = Channel::topic(&name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if !claims.allows_topic(&name) {
+            return Err(ApiError::Forbidden(format!(
+                "token does not allow topic `{name}`"
+            )));
+        }
+        if !channels.contains(&channel) {
+            channels.push(channel);
+        }
+    }
+
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty());
+    // The listener gives each TCP connection a kill token so a slow cut
+    // closes the socket even while a write is blocked; without one (the
+    // router served some other way) the cut only ends the stream.
+    let kill = kill.map_or_else(CancellationToken::new, |Extension(k)| k.0);
+    let session = Session::start(
+        &state.hub,
+        &state.session,
+        &claims,
+        channels,
+        last_event_id,
+        kill,
+        state.shutdown.clone(),
+    )
+    .await?;
+
+    // The session lives in the body: when the client goes away hyper drops
+    // the body, and the session's drop unregisters it from the hub.
+    let stream = futures_util::stream::unfold(session, |mut session| async move {
+        let chunk = session.next_chunk().await?;
+        Some((Ok::<_, Infallible>(chunk), session))
+    });
+    let mut response = Body::from_stream(stream).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}

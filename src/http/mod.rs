@@ -1,0 +1,163 @@
+//! HTTP routes: the public router (demo page, `/events`, `/publish`) and the
+//! admin router (`/metrics`, `/healthz`, `/readyz`), kept on separate
+//! listeners so metrics are never exposed by accident.
+
+mod admin;
+mod events;
+mod publish;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::auth::{AuthError, Verifier};
+use crate::hub::{Hub, LimitError};
+use crate::metrics::{self, RejectReason};
+use crate::session::{SessionConfig, StartError};
+
+pub use admin::admin_router;
+
+/// Everything a handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// Local fanout (and, through it, the broker).
+    pub hub: Hub,
+    /// Token verification.
+    pub verifier: Arc<Verifier>,
+    /// Per-connection settings.
+    pub session: Arc<SessionConfig>,
+    /// Where browsers carry the token.
+    pub cookie_name: Arc<str>,
+    /// Whether `?access_token=` is accepted.
+    pub allow_query_token: bool,
+    /// Largest accepted message data.
+    pub max_payload: usize,
+    /// Validates and publishes for `/publish`.
+    pub publisher: crate::publisher::Publisher,
+    /// Cancelled when the node starts draining; every stream ends on it.
+    pub shutdown: CancellationToken,
+    /// True while draining (readiness turns 503 before the token fires).
+    pub draining: Arc<AtomicBool>,
+    /// Renders `/metrics`.
+    pub prometheus: PrometheusHandle,
+}
+
+impl AppState {
+    /// Whether the node should receive traffic.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && self.hub.broker().is_connected()
+    }
+}
+
+/// The public router.
+pub fn public_router(state: AppState, cors_origins: &[String]) -> Router {
+    let router = Router::new()
+        .route("/", get(demo_page))
+        .route("/events", get(events::events))
+        .route("/publish", post(publish::publish))
+        .with_state(state);
+    let origins: Vec<HeaderValue> = cors_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    if origins.is_empty() {
+        return router;
+    }
+    router.layer(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_credentials(true)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("last-event-id"),
+            ]),
+    )
+}
+
+async fn demo_page() -> Html<&'static str> {
+    Html(include_str!("../demo.html"))
+}
+
+/// Errors of the public API, each a JSON `{"error": …}` with its status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 401.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// 403.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 413.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 429 or 503.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    /// 503.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<StartError> for ApiError {
+    fn from(e: StartError) -> Self {
+        match e {
+            StartError::Limit(l) => ApiError::Limit(l),
+            StartError::Broker(b) => ApiError::Unavailable(b.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Limit(LimitError::User) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Limit(LimitError::Node) | ApiError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// Counts a refused SSE connection under DESIGN's reason labels.
+    fn count_rejected(&self) {
+        let reason = match self {
+            ApiError::Auth(_) => RejectReason::Auth,
+            ApiError::Forbidden(_) => RejectReason::Forbidden,
+            ApiError::Limit(_) => RejectReason::Limit,
+            _ => return,
+        };
+        metrics::get().rejected(reason);
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

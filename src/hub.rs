@@ -1,0 +1,442 @@
+//! The node's local fanout: channel → connections, with refcounted broker
+//! subscriptions.
+//!
+//! One dispatch task receives every message the broker delivers, validates
+//! and encodes it once into a shared [`Frame`], and `try_send`s an `Arc` of it
+//! into each subscribed connection's bounded queue. A full queue marks that
+//! connection slow and cuts it; nobody else waits. The first connection on a
+//! channel subscribes the broker, the last one to leave unsubscribes it.
+//!
+//! The state sits behind a std mutex that is never held across an `.await`;
+//! broker (un)subscribe requests are queued while it is held, so the broker
+//! sees them in the same order as the refcount changes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, BrokerError, Delivery, History};
+use crate::channel::Channel;
+use crate::envelope::{Envelope, StreamId};
+use crate::metrics::{self, CloseReason};
+use crate::sse;
+
+/// One message, encoded once per node and shared by every connection.
+#[derive(Debug)]
+pub struct Frame {
+    /// The channel it was published on.
+    pub channel: Channel,
+    /// Its history id; `None` for live-only messages.
+    pub id: Option<StreamId>,
+    /// Publish time (ms), for the lag metric.
+    pub ts: Option<u64>,
+    /// `event:` and `data:` lines plus the blank line.
+    pub body: Bytes,
+}
+
+impl Frame {
+    /// Validates and encodes a payload; `None` (counted, logged) if invalid.
+    pub fn decode(channel: Channel, payload: &[u8], max_payload: usize) -> Option<Frame> {
+        match Envelope::parse(payload, max_payload) {
+            Ok(envelope) => Some(Frame {
+                channel,
+                id: envelope.id,
+                ts: envelope.ts,
+                body: sse::encode_message(&envelope),
+            }),
+            Err(error) => {
+                metrics::get().invalid.increment(1);
+                warn_rate_limited(&channel, &error);
+                None
+            }
+        }
+    }
+}
+
+/// Logs invalid payloads at most once a second, so a flood of garbage on
+/// Redis cannot flood the logs too.
+fn warn_rate_limited(channel: &Channel, error: &dyn std::fmt::Display) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = crate::envelope::now_ms();
+    let last = LAST.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 1000
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        // Channel names may carry user ids: debug level only.
+        tracing::warn!(%error, "dropped an invalid message");
+        tracing::debug!(%channel, "invalid message channel");
+    }
+}
+
+/// A connection refused by a limit.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LimitError {
+    /// `--max-connections` reached (503).
+    #[error("node is at its connection limit")]
+    Node,
+    /// `--max-connections-per-user` reached (429).
+    #[error("too many connections for this user")]
+    User,
+}
+
+/// Limits and sizes the hub enforces.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Connections per node.
+    pub max_connections: usize,
+    /// Connections per user per node.
+    pub max_connections_per_user: usize,
+    /// Pending frames per connection before it is cut as slow.
+    pub queue_capacity: usize,
+    /// Largest accepted `data`.
+    pub max_payload: usize,
+}
+
+/// Cheap clonable handle to the node's fanout.
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Channel and user tables. Never held across `.await`.
+    state: Mutex<State>,
+    broker: Arc<dyn Broker>,
+    config: HubConfig,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    channels: HashMap<Channel, Subscribers>,
+    /// Connections per user, for the per-user limit.
+    users: HashMap<Arc<str>, usize>,
+    connections: usize,
+}
+
+struct Subscribers {
+    links: HashMap<u64, Link>,
+    /// Resolves (to the broker's answer) once the subscription is live.
+    live: watch::Receiver<Option<Result<(), String>>>,
+    /// Newest id dispatched on this node: where a gap refill starts.
+    last_id: StreamId,
+}
+
+#[derive(Clone)]
+struct Link {
+    tx: mpsc::Sender<Arc<Frame>>,
+    status: Arc<LinkStatus>,
+}
+
+/// Shared between the hub and one connection: how the hub cuts it.
+#[derive(Debug, Default)]
+pub struct LinkStatus {
+    /// Cancelled to close the connection (and its TCP socket).
+    pub kill: CancellationToken,
+    slow: AtomicU8,
+}
+
+impl LinkStatus {
+    /// Whether the hub cut this connection as slow.
+    pub fn is_slow(&self) -> bool {
+        self.slow.load(Ordering::Relaxed) != 0
+    }
+
+    fn cut_slow(&self) {
+        self.slow.store(1, Ordering::Relaxed);
+        self.kill.cancel();
+    }
+}
+
+impl Hub {
+    /// A hub over `broker`; run [`Hub::dispatch_from`] to feed it.
+    pub fn new(broker: Arc<dyn Broker>, config: HubConfig) -> Hub {
+        Hub {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                broker,
+                config,
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The broker behind this hub.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.shared.broker
+    }
+
+    /// The limits this hub enforces.
+    pub fn config(&self) -> &HubConfig {
+        &self.shared.config
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a connection of `user` on `channels`, subscribing the broker
+    /// to channels that had no local connection. `kill` closes the
+    /// connection's socket when cancelled (the hub cancels it on a slow cut).
+    pub fn connect(
+        &self,
+        user: &str,
+        channels: Vec<Channel>,
+        kill: CancellationToken,
+    ) -> Result<Subscription, LimitError> {
+        let config = &self.shared.config;
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let status = Arc::new(LinkStatus {
+            kill,
+            slow: AtomicU8::new(0),
+        });
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut live = Vec::with_capacity(channels.len());
+        let user: Arc<str> = {
+            let mut state = self.state();
+            if state.connections >= config.max_connections {
+                return Err(LimitError::Node);
+            }
+            let user = match state.users.get_key_value(user) {
+                Some((_, &n)) if n >= config.max_connections_per_user => {
+                    return Err(LimitError::User)
+                }
+                Some((key, _)) => key.clone(),
+                None => Arc::from(user),
+            };
+            *state.users.entry(user.clone()).or_insert(0) += 1;
+            state.connections += 1;
+            let link = Link {
+                tx,
+                status: status.clone(),
+            };
+            for channel in &channels {
+                let subscribers = state
+                    .channels
+                    .entry(channel.clone())
+                    .or_insert_with(|| self.subscribe(channel));
+                subscribers.links.insert(id, link.clone());
+                live.push(subscribers.live.clone());
+            }
+            let m = metrics::get();
+            m.connections.set(state.connections as f64);
+            m.subscribed_channels.set(state.channels.len() as f64);
+            user
+        };
+        metrics::get().opened.increment(1);
+        Ok(Subscription {
+            hub: self.clone(),
+            id,
+            user,
+            channels,
+            rx,
+            live,
+            status,
+        })
+    }
+
+    /// Starts a broker subscription for a channel entering the table. The
+    /// request is queued now (under the state lock); a task waits for it to
+    /// go live so every connection on the channel can wait on the answer.
+    fn subscribe(&self, channel: &Channel) -> Subscribers {
+        let (done, live) = watch::channel(None);
+        let pending = self.shared.broker.subscribe(channel);
+        tokio::spawn(async move {
+            let result = pending.await.map_err(|e| e.to_string());
+            let _ = done.send(Some(result));
+        });
+        Subscribers {
+            links: HashMap::new(),
+            live,
+            last_id: StreamId::ZERO,
+        }
+    }
+
+    fn disconnect(&self, id: u64, user: &Arc<str>, channels: &[Channel]) {
+        let mut state = self.state();
+        for channel in channels {
+            let emptied = state.channels.get_mut(channel).is_some_and(|subscribers| {
+                subscribers.links.remove(&id);
+                subscribers.links.is_empty()
+            });
+            if emptied {
+                state.channels.remove(channel);
+                self.shared.broker.unsubscribe(channel);
+            }
+        }
+        if let Some(count) = state.users.get_mut(user) {
+            *count -= 1;
+            if *count == 0 {
+                state.users.remove(user);
+            }
+        }
+        state.connections -= 1;
+        let m = metrics::get();
+        m.connections.set(state.connections as f64);
+        m.subscribed_channels.set(state.channels.len() as f64);
+    }
+
+    /// Notes that a connection starts reading `channel` at `id`, so a refill
+    /// after a broker reconnect starts no later than that.
+    pub fn note_position(&self, channel: &Channel, id: StreamId) {
+        if let Some(subscribers) = self.state().channels.get_mut(channel) {
+            subscribers.last_id = subscribers.last_id.max(id);
+        }
+    }
+
+    /// Number of open connections.
+    pub fn connection_count(&self) -> usize {
+        self.state().connections
+    }
+
+    /// Number of channels with local connections.
+    pub fn channel_count(&self) -> usize {
+        self.state().channels.len()
+    }
+
+    /// Fans out one validated frame to every local connection of its channel.
+    pub fn dispatch(&self, frame: Frame) {
+        let frame = Arc::new(frame);
+        let mut state = self.state();
+        let Some(subscribers) = state.channels.get_mut(&frame.channel) else {
+            return;
+        };
+        if let Some(id) = frame.id {
+            subscribers.last_id = subscribers.last_id.max(id);
+        }
+        for link in subscribers.links.values() {
+            if link.status.kill.is_cancelled() {
+                continue;
+            }
+            if let Err(mpsc::error::TrySendError::Full(_)) = link.tx.try_send(frame.clone()) {
+                link.status.cut_slow();
+            }
+        }
+    }
+
+    /// Runs the dispatch loop until the broker's sender is dropped.
+    pub async fn dispatch_from(self, mut deliveries: mpsc::UnboundedReceiver<Delivery>) {
+        let max_payload = self.shared.config.max_payload;
+        while let Some(delivery) = deliveries.recv().await {
+            match delivery {
+                Delivery::Message { channel, payload } => {
+                    metrics::get().received.increment(1);
+                    if let Some(frame) = Frame::decode(channel, &payload, max_payload) {
+                        self.dispatch(frame);
+                    }
+                }
+                Delivery::Resubscribed => self.refill().await,
+            }
+        }
+    }
+
+    /// After the broker lost its subscriptions, replays each active
+    /// channel's history after the newest id this node dispatched, so what
+    /// was published meanwhile is not lost. Connections drop what they
+    /// already have (ids at or below their position).
+    async fn refill(&self) {
+        let started = Instant::now();
+        let active: Vec<(Channel, StreamId)> = self
+            .state()
+            .channels
+            .iter()
+            .map(|(c, s)| (c.clone(), s.last_id))
+            .collect();
+        let max_payload = self.shared.config.max_payload;
+        let mut refilled = 0usize;
+        for (channel, after) in active {
+            match self
+                .shared
+                .broker
+                .history_after(&channel, after, usize::MAX)
+                .await
+            {
+                Ok(History::Entries(entries)) => {
+                    for (_, payload) in entries {
+                        if let Some(frame) = Frame::decode(channel.clone(), &payload, max_payload) {
+                            refilled += 1;
+                            self.dispatch(frame);
+                        }
+                    }
+                }
+                Ok(History::Gap) => {
+                    tracing::warn!("history no longer covers a channel's gap after reconnect")
+                }
+                Err(error) => tracing::warn!(%error, "refill after reconnect failed"),
+            }
+        }
+        tracing::info!(refilled, elapsed = ?started.elapsed(), "refilled channels after broker reconnect");
+    }
+}
+
+/// One connection's membership in the hub. Dropping it unregisters the
+/// connection and, for channels it was the last local subscriber of,
+/// unsubscribes the broker.
+pub struct Subscription {
+    hub: Hub,
+    id: u64,
+    user: Arc<str>,
+    channels: Vec<Channel>,
+    /// Frames for this connection.
+    pub rx: mpsc::Receiver<Arc<Frame>>,
+    live: Vec<watch::Receiver<Option<Result<(), String>>>>,
+    /// How the hub signals a cut.
+    pub status: Arc<LinkStatus>,
+}
+
+impl Subscription {
+    /// The channels of this connection.
+    pub fn channels(&self) -> &[Channel] {
+        &self.channels
+    }
+
+    /// The hub it belongs to.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Waits until every channel's broker subscription is live.
+    pub async fn wait_live(&mut self, timeout: Duration) -> Result<(), BrokerError> {
+        let wait = async {
+            for live in &mut self.live {
+                let answer = live
+                    .wait_for(Option::is_some)
+                    .await
+                    .map_err(|_| BrokerError::Closed)?;
+                if let Some(Err(e)) = answer.as_ref() {
+                    return Err(BrokerError::Unavailable(e.clone()));
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| BrokerError::Unavailable("subscription timed out".into()))?
+    }
+
+    /// Counts the close of this connection under `reason` (the hub's slow
+    /// cut wins over the caller's view).
+    pub fn close_reason(&self, reason: CloseReason) -> CloseReason {
+        if self.status.is_slow() {
+            CloseReason::Slow
+        } else {
+            reason
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.disconnect(self.id, &self.user, &self.channels);
+    }
+}

@@ -1,0 +1,162 @@
+//! Metric names (DESIGN's), handles and the Prometheus recorder.
+//!
+//! Handles are resolved once, so the per-delivery path increments an atomic
+//! instead of looking a name up. Labels never carry user ids or channels.
+
+use std::sync::OnceLock;
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Why a connection closed (`herald_connections_closed_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client went away (or a write to it failed).
+    Client,
+    /// Its queue filled up.
+    Slow,
+    /// Its token expired.
+    Expired,
+    /// The node is draining.
+    Shutdown,
+    /// The node failed it.
+    Error,
+}
+
+impl CloseReason {
+    fn label(self) -> &'static str {
+        match self {
+            CloseReason::Client => "client",
+            CloseReason::Slow => "slow",
+            CloseReason::Expired => "expired",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Error => "error",
+        }
+    }
+}
+
+/// Why a connection was refused (`herald_connections_rejected_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// No or invalid token.
+    Auth,
+    /// A topic the token does not allow.
+    Forbidden,
+    /// A connection limit.
+    Limit,
+}
+
+/// Pre-resolved handles for every metric.
+pub struct Metrics {
+    /// `herald_connections`.
+    pub connections: Gauge,
+    /// `herald_connections_opened_total`.
+    pub opened: Counter,
+    closed: [Counter; 5],
+    rejected: [Counter; 3],
+    /// `herald_messages_published_total`.
+    pub published: Counter,
+    /// `herald_messages_received_total`.
+    pub received: Counter,
+    /// `herald_messages_delivered_total`.
+    pub delivered: Counter,
+    /// `herald_messages_invalid_total`.
+    pub invalid: Counter,
+    /// `herald_delivery_lag_seconds`.
+    pub lag: Histogram,
+    /// `herald_replayed_messages_total`.
+    pub replayed: Counter,
+    /// `herald_history_resets_total`.
+    pub resets: Counter,
+    /// `herald_subscribed_channels`.
+    pub subscribed_channels: Gauge,
+    /// `herald_redis_connected`.
+    pub redis_connected: Gauge,
+    /// `herald_redis_reconnects_total`.
+    pub redis_reconnects: Counter,
+}
+
+impl Metrics {
+    /// Counts a closed connection.
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed[reason as usize].increment(1);
+    }
+
+    /// Counts a refused connection.
+    pub fn rejected(&self, reason: RejectReason) {
+        self.rejected[reason as usize].increment(1);
+    }
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and returns the
+/// handle that renders `/metrics`.
+pub fn install() -> PrometheusHandle {
+    RECORDER
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("herald_delivery_lag_seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0,
+                    ],
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first (an
+            // embedding application's); metrics then go to that one.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// The metric handles; call [`install`] first or they record nowhere.
+pub fn get() -> &'static Metrics {
+    METRICS.get_or_init(|| {
+        use CloseReason::*;
+        let closed = [Client, Slow, Expired, Shutdown, Error]
+            .map(|r| counter!("herald_connections_closed_total", "reason" => r.label()));
+        let rejected = ["auth", "forbidden", "limit"]
+            .map(|r| counter!("herald_connections_rejected_total", "reason" => r));
+        let m = Metrics {
+            connections: gauge!("herald_connections"),
+            opened: counter!("herald_connections_opened_total"),
+            closed,
+            rejected,
+            published: counter!("herald_messages_published_total"),
+            received: counter!("herald_messages_received_total"),
+            delivered: counter!("herald_messages_delivered_total"),
+            invalid: counter!("herald_messages_invalid_total"),
+            lag: histogram!("herald_delivery_lag_seconds"),
+            replayed: counter!("herald_replayed_messages_total"),
+            resets: counter!("herald_history_resets_total"),
+            subscribed_channels: gauge!("herald_subscribed_channels"),
+            redis_connected: gauge!("herald_redis_connected"),
+            redis_reconnects: counter!("herald_redis_reconnects_total"),
+        };
+        // Make every series visible from the first scrape.
+        for c in m.closed.iter().chain(m.rejected.iter()) {
+            c.increment(0);
+        }
+        for c in [
+            &m.opened,
+            &m.published,
+            &m.received,
+            &m.delivered,
+            &m.invalid,
+            &m.replayed,
+            &m.resets,
+            &m.redis_reconnects,
+        ] {
+            c.increment(0);
+        }
+        m.connections.set(0.0);
+        m.subscribed_channels.set(0.0);
+        m
+    })
+}

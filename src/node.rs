@@ -1,0 +1,179 @@
+//! A node: binds its listeners, wires broker → hub → routes, runs until its
+//! shutdown future resolves, then drains.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{self, Verifier};
+use crate::broker::memory::MemoryBroker;
+use crate::broker::Broker;
+use crate::config::ServeConfig;
+use crate::http::{admin_router, public_router, AppState};
+use crate::hub::{Hub, HubConfig};
+use crate::publisher::Publisher;
+use crate::session::SessionConfig;
+
+/// A bound, ready-to-run node.
+pub struct Node {
+    config: ServeConfig,
+    state: AppState,
+    public: TcpListener,
+    admin: TcpListener,
+    demo_token: Option<String>,
+}
+
+impl Node {
+    /// Loads keys, starts the broker and binds both listeners; fails with a
+    /// clear message on bad configuration or a taken address.
+    pub async fn bind(config: ServeConfig) -> anyhow::Result<Node> {
+        let prometheus = crate::metrics::install();
+        crate::metrics::get();
+
+        let keys = &config.keys;
+        let demo_secret = (keys.jwt_secret.is_none() && keys.jwt_public_key.is_none())
+            .then(|| format!("{:032x}", rand::random::<u128>()));
+        let verifier = Verifier::new(keys, demo_secret.as_deref())?;
+        let demo_token = match &demo_secret {
+            Some(secret) => Some(auth::mint(
+                secret,
+                "demo",
+                vec!["*".into()],
+                vec!["user:demo".into(), "broadcast".into(), "topic:*".into()],
+                Duration::from_secs(24 * 3600),
+            )?),
+            None => None,
+        };
+
+        let public = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {} (--admin-listen)", config.admin_listen)
+            })?;
+
+        let (deliveries, incoming) = mpsc::unbounded_channel();
+        let broker: Arc<dyn Broker> = match &config.redis_url {
+            Some(_) => {
+                anyhow::bail!("--redis-url: the Redis backbone is not available in this build")
+            }
+            None => Arc::new(MemoryBroker::new(
+                deliveries,
+                config.history_size as usize,
+                config.history_ttl,
+            )),
+        };
+        let hub = Hub::new(
+            broker.clone(),
+            HubConfig {
+                max_connections: config.max_connections,
+                max_connections_per_user: config.max_connections_per_user,
+                queue_capacity: config.queue_capacity as usize,
+                max_payload: config.max_payload,
+            },
+        );
+        tokio::spawn(hub.clone().dispatch_from(incoming));
+
+        let node_id = format!("{:08x}", rand::random::<u32>());
+        let state = AppState {
+            hub,
+            verifier: Arc::new(verifier),
+            session: Arc::new(SessionConfig {
+                node_id,
+                heartbeat: config.heartbeat,
+                retry: config.retry,
+                replay_limit: config.history_size as usize,
+            }),
+            cookie_name: Arc::from(config.cookie_name.as_str()),
+            allow_query_token: config.allow_query_token,
+            max_payload: config.max_payload,
+            publisher: Publisher::new(broker, config.max_payload),
+            shutdown: CancellationToken::new(),
+            draining: Arc::new(AtomicBool::new(false)),
+            prometheus,
+        };
+        Ok(Node {
+            config,
+            state,
+            public,
+            admin,
+            demo_token,
+        })
+    }
+
+    /// The bound public address.
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(self.config.admin_listen)
+    }
+
+    /// This node's id (in `herald.ready`).
+    pub fn id(&self) -> &str {
+        &self.state.session.node_id
+    }
+
+    /// The demo token, when the node generated its own secret.
+    pub fn demo_token(&self) -> Option<&str> {
+        self.demo_token.as_deref()
+    }
+
+    /// Serves until `shutdown` resolves, then drains: readiness goes 503, the
+    /// public listener stops accepting, every stream gets a jittered `retry:`
+    /// and ends; returns once all connections closed or `--drain-timeout`
+    /// passed.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Node {
+            config,
+            state,
+            public,
+            admin,
+            ..
+        } = self;
+        let tracker = TaskTracker::new();
+        let admin_stop = CancellationToken::new();
+        let public_app = public_router(state.clone(), &config.cors_origins);
+        let admin_app = admin_router(state.clone());
+        let public_task = tokio::spawn(crate::server::serve(
+            public,
+            public_app,
+            state.shutdown.clone(),
+            tracker.clone(),
+        ));
+        let admin_task = tokio::spawn(crate::server::serve(
+            admin,
+            admin_app,
+            admin_stop.clone(),
+            TaskTracker::new(),
+        ));
+
+        shutdown.await;
+        tracing::info!(connections = state.hub.connection_count(), "draining");
+        state.draining.store(true, Ordering::Relaxed);
+        state.shutdown.cancel();
+        let _ = public_task.await;
+        tracker.close();
+        if tokio::time::timeout(config.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain timeout passed with connections still open");
+        }
+        admin_stop.cancel();
+        let _ = admin_task.await;
+        Ok(())
+    }
+}

@@ -1,0 +1,130 @@
+//! Publishing: the one path every publisher goes through (`POST /publish`,
+//! `herald publish`, Rust apps), so validation and limits are the same
+//! whichever way a message arrives.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::broker::{Broker, BrokerError};
+use crate::channel::Channel;
+use crate::envelope::{compact_json, valid_event_name, StreamId};
+use crate::metrics;
+
+/// One message to publish.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Message {
+    /// Target: `user:<id>`, `broadcast` or `topic:<name>`.
+    pub channel: String,
+    /// Event name; `message` when absent.
+    #[serde(default)]
+    pub event: Option<String>,
+    /// Any JSON value; a string is delivered as its text.
+    pub data: Box<RawValue>,
+}
+
+impl Message {
+    /// A message with JSON `data`.
+    pub fn new(channel: impl Into<String>, event: Option<&str>, data: &serde_json::Value) -> Self {
+        Message {
+            channel: channel.into(),
+            event: event.map(str::to_owned),
+            // Serialising a Value cannot fail.
+            data: serde_json::value::to_raw_value(data)
+                .unwrap_or_else(|_| RawValue::from_string("null".into()).unwrap_or_default()),
+        }
+    }
+}
+
+/// Why a message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// A bad channel or event name (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// `data` over the size limit (413).
+    #[error("data is {size} bytes; the limit is {limit}")]
+    TooLarge {
+        /// The data's size.
+        size: usize,
+        /// `--max-payload`.
+        limit: usize,
+    },
+    /// The broker failed (503).
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// A message that passed validation.
+#[derive(Debug)]
+pub struct Checked {
+    /// The target channel.
+    pub channel: Channel,
+    event: Option<String>,
+    data: Box<RawValue>,
+}
+
+/// Publishes through a broker with the node's validation rules.
+#[derive(Clone)]
+pub struct Publisher {
+    broker: Arc<dyn Broker>,
+    max_payload: usize,
+}
+
+impl Publisher {
+    /// A publisher over `broker`, refusing data over `max_payload` bytes.
+    pub fn new(broker: Arc<dyn Broker>, max_payload: usize) -> Self {
+        Publisher {
+            broker,
+            max_payload,
+        }
+    }
+
+    /// Validates a message without publishing it.
+    pub fn check(&self, message: Message) -> Result<Checked, PublishError> {
+        let channel = Channel::parse(&message.channel)
+            .map_err(|e| PublishError::Invalid(format!("channel `{}`: {e}", message.channel)))?;
+        if let Some(event) = &message.event {
+            if !valid_event_name(event) {
+                return Err(PublishError::Invalid(
+                    "event names are 1-64 characters of A-Z a-z 0-9 _ . : -".into(),
+                ));
+            }
+        }
+        let size = message.data.get().len();
+        if size > self.max_payload {
+            return Err(PublishError::TooLarge {
+                size,
+                limit: self.max_payload,
+            });
+        }
+        let raw = message.data.get();
+        let data = if raw.bytes().any(|b| b.is_ascii_whitespace()) {
+            RawValue::from_string(compact_json(raw)).unwrap_or(message.data)
+        } else {
+            message.data
+        };
+        Ok(Checked {
+            channel,
+            event: message.event,
+            data,
+        })
+    }
+
+    /// Publishes a validated message; returns its history id.
+    pub async fn publish_checked(&self, message: &Checked) -> Result<StreamId, PublishError> {
+        let id = self
+            .broker
+            .publish(&message.channel, message.event.as_deref(), &message.data)
+            .await?;
+        metrics::get().published.increment(1);
+        Ok(id)
+    }
+
+    /// Validates and publishes one message.
+    pub async fn publish(&self, message: Message) -> Result<StreamId, PublishError> {
+        let checked = self.check(message)?;
+        self.publish_checked(&checked).await
+    }
+}

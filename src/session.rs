@@ -1,0 +1,267 @@
+//! One SSE connection from `herald.ready` to its end, independent of HTTP.
+//!
+//! [`Session::start`] subscribes, replays history after the client's cursor
+//! and builds the opening bytes; the session then yields chunks of bytes:
+//! live frames (several queued ones coalesced into one write), heartbeats,
+//! and a last control frame when the token expires or the node drains.
+//!
+//! No duplicate, no gap: the subscription goes live *before* history is read,
+//! and each connection keeps its position per channel, dropping any frame at
+//! or below it. A replayed message that also arrives live is sent once.
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::json;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Claims;
+use crate::broker::{BrokerError, History};
+use crate::channel::Channel;
+use crate::envelope::{now_ms, StreamId};
+use crate::hub::{Frame, Hub, LimitError, Subscription};
+use crate::metrics::{self, CloseReason};
+use crate::sse::{self, Cursor};
+
+/// Stop coalescing queued frames into one chunk past this many bytes.
+const MAX_CHUNK: usize = 64 * 1024;
+/// How long a new connection waits for its broker subscriptions.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settings a session needs from the node.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// This node's id, reported in `herald.ready`.
+    pub node_id: String,
+    /// Idle time before a heartbeat comment.
+    pub heartbeat: Duration,
+    /// The `retry:` hint.
+    pub retry: Duration,
+    /// Most entries replayed per channel (the history size).
+    pub replay_limit: usize,
+}
+
+/// Why a session could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A connection limit.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    /// The broker could not subscribe or read history.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// A running SSE connection.
+pub struct Session {
+    subscription: Subscription,
+    /// Position per channel, parallel to `subscription.channels()`.
+    positions: Vec<StreamId>,
+    cursor: Cursor,
+    /// The opening bytes (retry, replay, reset, ready), sent first.
+    opening: Option<Bytes>,
+    heartbeat: Duration,
+    next_heartbeat: Instant,
+    expires_at: Instant,
+    retry: Duration,
+    shutdown: CancellationToken,
+    /// Set once the session has decided to end (and why).
+    ended: Option<CloseReason>,
+}
+
+impl Session {
+    /// Subscribes `claims.sub` to `channels`, replays after `last_event_id`
+    /// and prepares the opening bytes.
+    pub async fn start(
+        hub: &Hub,
+        config: &SessionConfig,
+        claims: &Claims,
+        channels: Vec<Channel>,
+        last_event_id: Option<&str>,
+        kill: CancellationToken,
+        shutdown: CancellationToken,
+    ) -> Result<Session, StartError> {
+        let mut subscription = hub.connect(&claims.sub, channels, kill)?;
+        subscription.wait_live(SUBSCRIBE_TIMEOUT).await?;
+        let broker = hub.broker().clone();
+        let resume = last_event_id.map(Cursor::decode);
+        let channels = subscription.channels().to_vec();
+
+        let mut positions = Vec::with_capacity(channels.len());
+        let mut replay = Vec::new();
+        let mut reset = Vec::new();
+        for channel in &channels {
+            let from = match &resume {
+                Some(Ok(cursor)) => cursor.get(channel),
+                _ => None,
+            };
+            let history = match from {
+                Some(after) => {
+                    broker
+                        .history_after(channel, after, config.replay_limit)
+                        .await?
+                }
+                None => History::Gap,
+            };
+            match history {
+                History::Entries(entries) => {
+                    positions.push(from.unwrap_or_default());
+                    replay.extend(entries.into_iter().map(|(id, p)| (id, channel.clone(), p)));
+                }
+                History::Gap => {
+                    // A channel new to this cursor starts live; one whose
+                    // history cannot cover the cursor (or any channel of a
+                    // malformed cursor) starts live after a reset.
+                    if from.is_some() || matches!(resume, Some(Err(_))) {
+                        reset.push(channel.as_str().to_owned());
+                    }
+                    positions.push(broker.tip(channel).await?);
+                }
+            }
+        }
+        for (channel, position) in channels.iter().zip(&positions) {
+            hub.note_position(channel, *position);
+        }
+
+        let now = Instant::now();
+        let mut session = Session {
+            subscription,
+            cursor: Cursor::default(),
+            positions,
+            opening: None,
+            heartbeat: config.heartbeat,
+            next_heartbeat: now + config.heartbeat,
+            expires_at: now + Duration::from_millis((claims.exp * 1000).saturating_sub(now_ms())),
+            retry: config.retry,
+            shutdown,
+            ended: None,
+        };
+        for (channel, position) in channels.iter().zip(&session.positions) {
+            session.cursor.set(channel, *position);
+        }
+
+        let m = metrics::get();
+        let mut opening = BytesMut::new();
+        opening.put_slice(&sse::encode_retry(config.retry.as_millis() as u64));
+        // Merge channels by id so the replay reads in publish order.
+        replay.sort_by_key(|(id, _, _)| *id);
+        let max_payload = hub.config().max_payload;
+        for (_, channel, payload) in replay {
+            if let Some(frame) = Frame::decode(channel, &payload, max_payload) {
+                if session.append(&frame, &mut opening) {
+                    m.replayed.increment(1);
+                }
+            }
+        }
+        if !reset.is_empty() {
+            m.resets.increment(1);
+            let data = json!({ "channels": reset });
+            opening.put_slice(&sse::encode_control("herald.reset", &data, None));
+        }
+        let ready = json!({
+            "node": config.node_id,
+            "user": claims.sub,
+            "channels": channels.iter().map(Channel::as_str).collect::<Vec<_>>(),
+        });
+        let cursor = session.cursor.encode();
+        opening.put_slice(&sse::encode_control("herald.ready", &ready, Some(&cursor)));
+        session.opening = Some(opening.freeze());
+        Ok(session)
+    }
+
+    /// Appends `frame` unless this connection already has it; returns
+    /// whether it was appended.
+    fn append(&mut self, frame: &Frame, out: &mut BytesMut) -> bool {
+        let Some(slot) = self
+            .subscription
+            .channels()
+            .iter()
+            .position(|c| *c == frame.channel)
+        else {
+            return false;
+        };
+        if let Some(id) = frame.id {
+            if id <= self.positions[slot] {
+                return false;
+            }
+            self.positions[slot] = id;
+            self.cursor.set(&frame.channel, id);
+            out.put_slice(b"id: ");
+            out.put_slice(self.cursor.encode().as_bytes());
+            out.put_u8(b'\n');
+        }
+        out.put_slice(&frame.body);
+        let m = metrics::get();
+        m.delivered.increment(1);
+        if let Some(ts) = frame.ts {
+            m.lag.record(now_ms().saturating_sub(ts) as f64 / 1000.0);
+        }
+        true
+    }
+
+    /// The next chunk to write, or `None` when the stream ends.
+    pub async fn next_chunk(&mut self) -> Option<Bytes> {
+        if let Some(opening) = self.opening.take() {
+            return Some(opening);
+        }
+        if self.ended.is_some() {
+            return None;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.subscription.status.kill.cancelled() => {
+                    self.ended = Some(CloseReason::Error);
+                    return None;
+                }
+                _ = self.shutdown.cancelled() => {
+                    self.ended = Some(CloseReason::Shutdown);
+                    return Some(sse::encode_retry(jittered(self.retry)));
+                }
+                _ = sleep_until(self.expires_at) => {
+                    self.ended = Some(CloseReason::Expired);
+                    return Some(sse::encode_control("herald.expired", &json!({}), None));
+                }
+                frame = self.subscription.rx.recv() => {
+                    let Some(frame) = frame else {
+                        self.ended = Some(CloseReason::Error);
+                        return None;
+                    };
+                    let mut out = BytesMut::new();
+                    self.append(&frame, &mut out);
+                    // Coalesce what is already queued into the same write.
+                    while out.len() < MAX_CHUNK {
+                        match self.subscription.rx.try_recv() {
+                            Ok(frame) => { self.append(&frame, &mut out); }
+                            Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                        }
+                    }
+                    if !out.is_empty() {
+                        self.next_heartbeat = Instant::now() + self.heartbeat;
+                        return Some(out.freeze());
+                    }
+                }
+                _ = sleep_until(self.next_heartbeat) => {
+                    self.next_heartbeat = Instant::now() + self.heartbeat;
+                    return Some(Bytes::from_static(sse::HEARTBEAT));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let reason = self.ended.unwrap_or(CloseReason::Client);
+        metrics::get().closed(self.subscription.close_reason(reason));
+    }
+}
+
+/// The drain `retry:`: between half and twice the normal hint, so clients
+/// of a draining node come back spread out instead of all at once.
+fn jittered(retry: Duration) -> u64 {
+    let base = retry.as_millis().max(100) as u64;
+    rand::random_range(base / 2..=base * 2)
+}

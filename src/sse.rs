@@ -1,0 +1,209 @@
+//! SSE wire encoding and the resume cursor.
+//!
+//! A message is encoded once per node into the part every connection shares
+//! (`event:` and `data:` lines); only the `id:` line, which carries that
+//! connection's [`Cursor`], is written per connection.
+//!
+//! The cursor is `v1.` + base64url(JSON object channel → stream id). It holds
+//! a position for every channel of the connection, because one SSE
+//! `Last-Event-ID` must resume several channels at once.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::channel::Channel;
+use crate::envelope::{compact_json, Envelope, StreamId};
+
+/// Longest `Last-Event-ID` we try to decode; anything longer is malformed.
+pub const MAX_CURSOR_LEN: usize = 16 * 1024;
+
+const CURSOR_VERSION: &str = "v1.";
+
+/// The shared part of one message's frame: `event:` + `data:` lines and the
+/// blank line that ends the event. Built once per node per message.
+pub fn encode_message(envelope: &Envelope<'_>) -> Bytes {
+    let raw = envelope.data.get();
+    let mut out = BytesMut::with_capacity(raw.len() + 32);
+    out.put_slice(b"event: ");
+    out.put_slice(envelope.event.unwrap_or("message").as_bytes());
+    out.put_u8(b'\n');
+    match serde_json::from_str::<String>(raw) {
+        // A JSON string is sent as its text; each line its own `data:` line
+        // (SSE treats \r\n, \r and \n alike as line ends).
+        Ok(text) => {
+            for line in text.split("\r\n").flat_map(|l| l.split(['\r', '\n'])) {
+                out.put_slice(b"data: ");
+                out.put_slice(line.as_bytes());
+                out.put_u8(b'\n');
+            }
+        }
+        Err(_) => {
+            out.put_slice(b"data: ");
+            if raw.bytes().any(|b| b.is_ascii_whitespace()) {
+                out.put_slice(compact_json(raw).as_bytes());
+            } else {
+                out.put_slice(raw.as_bytes());
+            }
+            out.put_u8(b'\n');
+        }
+    }
+    out.put_u8(b'\n');
+    out.freeze()
+}
+
+/// A control event (`herald.ready`, `herald.reset`, `herald.expired`) with
+/// JSON data, optionally carrying a cursor id.
+pub fn encode_control(event: &str, data: &serde_json::Value, id: Option<&str>) -> Bytes {
+    let mut out = String::new();
+    if let Some(id) = id {
+        let _ = writeln!(out, "id: {id}");
+    }
+    let _ = write!(out, "event: {event}\ndata: {data}\n\n");
+    Bytes::from(out)
+}
+
+/// The `retry:` hint frame.
+pub fn encode_retry(ms: u64) -> Bytes {
+    Bytes::from(format!("retry: {ms}\n\n"))
+}
+
+/// The heartbeat: an SSE comment, ignored by clients, that keeps proxies and
+/// NATs from timing the connection out and reveals dead sockets.
+pub const HEARTBEAT: &[u8] = b":\n\n";
+
+/// A connection's position in each of its channels.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Cursor {
+    positions: BTreeMap<String, StreamId>,
+}
+
+/// Why a `Last-Event-ID` could not be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed cursor")]
+pub struct MalformedCursor;
+
+impl Cursor {
+    /// Records the position of `channel`.
+    pub fn set(&mut self, channel: &Channel, id: StreamId) {
+        match self.positions.get_mut(channel.as_str()) {
+            Some(p) => *p = id,
+            None => {
+                self.positions.insert(channel.as_str().to_owned(), id);
+            }
+        }
+    }
+
+    /// The position of `channel`, if the cursor has one.
+    pub fn get(&self, channel: &Channel) -> Option<StreamId> {
+        self.positions.get(channel.as_str()).copied()
+    }
+
+    /// The `id:` text.
+    pub fn encode(&self) -> String {
+        let mut json = String::with_capacity(self.positions.len() * 48 + 2);
+        json.push('{');
+        for (i, (channel, id)) in self.positions.iter().enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            // Channel names have no control characters; serde_json escapes
+            // quotes and backslashes.
+            json.push_str(&serde_json::Value::from(channel.as_str()).to_string());
+            let _ = write!(json, ":\"{id}\"");
+        }
+        json.push('}');
+        let mut out = String::with_capacity(CURSOR_VERSION.len() + json.len() * 4 / 3 + 4);
+        out.push_str(CURSOR_VERSION);
+        URL_SAFE_NO_PAD.encode_string(json.as_bytes(), &mut out);
+        out
+    }
+
+    /// Parses a `Last-Event-ID`. Entries for invalid channel names make the
+    /// whole cursor malformed: it was not made by Herald.
+    pub fn decode(text: &str) -> Result<Cursor, MalformedCursor> {
+        if text.len() > MAX_CURSOR_LEN {
+            return Err(MalformedCursor);
+        }
+        let body = text.strip_prefix(CURSOR_VERSION).ok_or(MalformedCursor)?;
+        let json = URL_SAFE_NO_PAD.decode(body).map_err(|_| MalformedCursor)?;
+        let map: BTreeMap<String, String> =
+            serde_json::from_slice(&json).map_err(|_| MalformedCursor)?;
+        let mut positions = BTreeMap::new();
+        for (channel, id) in map {
+            Channel::parse(&channel).map_err(|_| MalformedCursor)?;
+            positions.insert(channel, id.parse().map_err(|_| MalformedCursor)?);
+        }
+        Ok(Cursor { positions })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn message(event: Option<&str>, data: &str) -> String {
+        let raw = RawValue::from_string(data.to_owned()).expect("json");
+        let envelope = Envelope {
+            id: None,
+            event,
+            data: &raw,
+            ts: None,
+        };
+        String::from_utf8(encode_message(&envelope).to_vec()).expect("utf8")
+    }
+
+    #[test]
+    fn strings_are_sent_raw_and_split_into_lines() {
+        assert_eq!(
+            message(Some("notice"), r#""hi""#),
+            "event: notice\ndata: hi\n\n"
+        );
+        assert_eq!(
+            message(None, r#""a\nb\r\nc""#),
+            "event: message\ndata: a\ndata: b\ndata: c\n\n"
+        );
+    }
+
+    #[test]
+    fn other_json_is_sent_compact_on_one_line() {
+        assert_eq!(
+            message(None, "{\n \"a\": [1, 2]\n}"),
+            "event: message\ndata: {\"a\":[1,2]}\n\n"
+        );
+        assert_eq!(message(None, "42"), "event: message\ndata: 42\n\n");
+    }
+
+    #[test]
+    fn cursor_round_trips() {
+        let mut cursor = Cursor::default();
+        let user = Channel::parse("user:a\"b").expect("valid");
+        cursor.set(&user, StreamId { ms: 10, seq: 2 });
+        cursor.set(&Channel::broadcast(), StreamId::ZERO);
+        let text = cursor.encode();
+        assert!(text.starts_with("v1."));
+        assert!(!text.contains(['\n', '\r', '+', '/', '=']));
+        let back = Cursor::decode(&text).expect("decodes");
+        assert_eq!(back, cursor);
+        assert_eq!(back.get(&user), Some(StreamId { ms: 10, seq: 2 }));
+    }
+
+    #[test]
+    fn garbage_cursors_are_malformed() {
+        for text in ["", "v1.", "v2.e30", "v1.!!!", "v1.bm90IGpzb24", "12345-0"] {
+            assert_eq!(Cursor::decode(text), Err(MalformedCursor), "{text}");
+        }
+        let bad_channel = format!("v1.{}", URL_SAFE_NO_PAD.encode(r#"{"room:1":"1-0"}"#));
+        assert_eq!(Cursor::decode(&bad_channel), Err(MalformedCursor));
+        let bad_id = format!("v1.{}", URL_SAFE_NO_PAD.encode(r#"{"broadcast":"x"}"#));
+        assert_eq!(Cursor::decode(&bad_id), Err(MalformedCursor));
+        assert_eq!(
+            Cursor::decode(&"v".repeat(MAX_CURSOR_LEN + 1)),
+            Err(MalformedCursor)
+        );
+    }
+}
