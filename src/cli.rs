@@ -1,5 +1,6 @@
 //! `herald publish`: sends one message through a node's `POST /publish`, so
-//! it takes exactly the path app services take.
+//! it takes exactly the path app services take; or, with `--redis-url`,
+//! straight into Redis with the publish script, as a Rust app would.
 
 use std::time::Duration;
 
@@ -9,14 +10,28 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 
+use crate::broker::redis::RedisConfig;
 use crate::config::PublishArgs;
 
 /// Publishes `args.data` to `args.channel` and prints the reply.
 pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
-    if args.redis_url.is_some() {
-        bail!(
-            "--redis-url: publishing straight to Redis is not available in this build; use --url"
-        );
+    let data: serde_json::Value = serde_json::from_str(&args.data)
+        .unwrap_or_else(|_| serde_json::Value::String(args.data.clone()));
+    if let Some(url) = &args.redis_url {
+        let publisher = crate::Publisher::redis(
+            RedisConfig {
+                url: url.clone(),
+                prefix: args.channel_prefix.clone(),
+                history_size: args.history_size,
+                history_ttl: args.history_ttl,
+                probe_interval: Duration::from_secs(5),
+            },
+            args.max_payload,
+        )?;
+        let message = crate::Message::new(args.channel.clone(), args.event.as_deref(), &data);
+        let id = publisher.publish(message).await?;
+        println!("{}", json!({ "id": id.to_string() }));
+        return Ok(());
     }
     let token = match (&args.token, &args.keys.jwt_secret) {
         (Some(token), _) => token.clone(),
@@ -29,8 +44,6 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         )?,
         (None, None) => bail!("give --token, or --jwt-secret to mint one"),
     };
-    let data: serde_json::Value = serde_json::from_str(&args.data)
-        .unwrap_or_else(|_| serde_json::Value::String(args.data.clone()));
     let mut body = json!({ "channel": args.channel, "data": data });
     if let Some(event) = &args.event {
         body["event"] = json!(event);

@@ -85,6 +85,10 @@ pub struct ServeConfig {
     /// Namespace for Redis keys and channels.
     #[arg(long, env = "HERALD_CHANNEL_PREFIX", default_value = "herald")]
     pub channel_prefix: String,
+    /// How often the Redis pub/sub connection is probed; a probe not back
+    /// within this interval marks the node unready and forces a reconnect.
+    #[arg(long, env = "HERALD_REDIS_PROBE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub redis_probe_interval: Duration,
     /// Token verification.
     #[command(flatten)]
     pub keys: KeyConfig,
@@ -171,6 +175,9 @@ pub struct PublishArgs {
     /// History TTL (with --redis-url).
     #[arg(long, env = "HERALD_HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
     pub history_ttl: Duration,
+    /// Largest accepted message (with --redis-url; a node checks it itself).
+    #[arg(long, env = "HERALD_MAX_PAYLOAD", default_value = "64KiB", value_parser = parse_size)]
+    pub max_payload: usize,
     /// A ready-made publisher token instead of minting one from --jwt-secret.
     #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, Verifier};
 use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::{RedisBroker, RedisConfig};
 use crate::broker::Broker;
 use crate::config::ServeConfig;
 use crate::http::{admin_router, public_router, AppState};
@@ -62,11 +63,23 @@ impl Node {
                 format!("cannot listen on {} (--admin-listen)", config.admin_listen)
             })?;
 
+        let node_id = format!("{:08x}", rand::random::<u32>());
         let (deliveries, incoming) = mpsc::unbounded_channel();
         let broker: Arc<dyn Broker> = match &config.redis_url {
-            Some(_) => {
-                anyhow::bail!("--redis-url: the Redis backbone is not available in this build")
-            }
+            Some(url) => Arc::new(
+                RedisBroker::start(
+                    RedisConfig {
+                        url: url.clone(),
+                        prefix: config.channel_prefix.clone(),
+                        history_size: config.history_size,
+                        history_ttl: config.history_ttl,
+                        probe_interval: config.redis_probe_interval,
+                    },
+                    &node_id,
+                    deliveries,
+                )
+                .context("--redis-url")?,
+            ),
             None => Arc::new(MemoryBroker::new(
                 deliveries,
                 config.history_size as usize,
@@ -84,7 +97,6 @@ impl Node {
         );
         tokio::spawn(hub.clone().dispatch_from(incoming));
 
-        let node_id = format!("{:08x}", rand::random::<u32>());
         let state = AppState {
             hub,
             verifier: Arc::new(verifier),

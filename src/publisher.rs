@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{BrokerError, Store};
 use crate::channel::Channel;
 use crate::envelope::{compact_json, valid_event_name, StreamId};
 use crate::metrics;
@@ -68,17 +68,26 @@ pub struct Checked {
 /// Publishes through a broker with the node's validation rules.
 #[derive(Clone)]
 pub struct Publisher {
-    broker: Arc<dyn Broker>,
+    store: Arc<dyn Store>,
     max_payload: usize,
 }
 
 impl Publisher {
-    /// A publisher over `broker`, refusing data over `max_payload` bytes.
-    pub fn new(broker: Arc<dyn Broker>, max_payload: usize) -> Self {
-        Publisher {
-            broker,
-            max_payload,
-        }
+    /// A publisher into `store` (a node's broker, or a publish-only Redis
+    /// store for apps), refusing data over `max_payload` bytes.
+    pub fn new(store: Arc<dyn Store>, max_payload: usize) -> Self {
+        Publisher { store, max_payload }
+    }
+
+    /// A publisher for app services that writes straight to Redis with the
+    /// publish script, exactly as a node's `POST /publish` does. Connects
+    /// lazily; `config` must match the nodes' prefix and history settings.
+    pub fn redis(
+        config: crate::broker::redis::RedisConfig,
+        max_payload: usize,
+    ) -> Result<Self, BrokerError> {
+        let store = crate::broker::redis::RedisStore::new(config)?;
+        Ok(Publisher::new(Arc::new(store), max_payload))
     }
 
     /// Validates a message without publishing it.
@@ -115,7 +124,7 @@ impl Publisher {
     /// Publishes a validated message; returns its history id.
     pub async fn publish_checked(&self, message: &Checked) -> Result<StreamId, PublishError> {
         let id = self
-            .broker
+            .store
             .publish(&message.channel, message.event.as_deref(), &message.data)
             .await?;
         metrics::get().published.increment(1);

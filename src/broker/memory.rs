@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::{BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History};
+use super::{BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Store};
 use crate::channel::Channel;
 use crate::envelope::{self, now_ms, StreamId};
 
@@ -96,7 +96,7 @@ async fn sweep_expired(shared: Weak<Shared>) {
     }
 }
 
-impl Broker for MemoryBroker {
+impl Store for MemoryBroker {
     fn publish<'a>(
         &'a self,
         channel: &'a Channel,
@@ -141,14 +141,6 @@ impl Broker for MemoryBroker {
         Box::pin(async move { result })
     }
 
-    fn subscribe(&self, _channel: &Channel) -> BoxFuture<'static, Result<(), BrokerError>> {
-        // Every publish is delivered to this node's hub, which keeps only the
-        // channels it has connections for: subscribing is immediate.
-        Box::pin(async { Ok(()) })
-    }
-
-    fn unsubscribe(&self, _channel: &Channel) {}
-
     fn history_after<'a>(
         &'a self,
         channel: &'a Channel,
@@ -185,6 +177,16 @@ impl Broker for MemoryBroker {
         drop(channels);
         Box::pin(async move { Ok(tip) })
     }
+}
+
+impl Broker for MemoryBroker {
+    fn subscribe(&self, _channel: &Channel) -> BoxFuture<'static, Result<(), BrokerError>> {
+        // Every publish is delivered to this node's hub, which keeps only the
+        // channels it has connections for: subscribing is immediate.
+        Box::pin(async { Ok(()) })
+    }
+
+    fn unsubscribe(&self, _channel: &Channel) {}
 
     fn is_connected(&self) -> bool {
         !self.shared.deliveries.is_closed()

@@ -8,9 +8,10 @@
 //! sender it was built with.
 //!
 //! Implementations: [`memory::MemoryBroker`] (embedded, one node) and
-//! (later) a Redis backend for any number of nodes sharing Redis.
+//! [`redis::RedisBroker`] (any number of nodes sharing Redis).
 
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -71,8 +72,9 @@ pub enum BrokerError {
     Closed,
 }
 
-/// The backbone a node publishes to and subscribes through.
-pub trait Broker: Send + Sync + 'static {
+/// Publishing and history: all a publisher needs (see [`Broker`] for
+/// subscriptions).
+pub trait Store: Send + Sync + 'static {
     /// Appends to the channel's history (trimmed to the history size, expiring
     /// after the history TTL) and publishes the envelope carrying the new id.
     /// `data` is JSON text.
@@ -82,14 +84,6 @@ pub trait Broker: Send + Sync + 'static {
         event: Option<&'a str>,
         data: &'a RawValue,
     ) -> BoxFuture<'a, Result<StreamId, BrokerError>>;
-
-    /// Starts receiving `channel`. The request is queued before this returns,
-    /// so calls made in order take effect in order; the future resolves once
-    /// the subscription is live (a message published after that is delivered).
-    fn subscribe(&self, channel: &Channel) -> BoxFuture<'static, Result<(), BrokerError>>;
-
-    /// Stops receiving `channel` (queued in order like [`Broker::subscribe`]).
-    fn unsubscribe(&self, channel: &Channel);
 
     /// Entries after `after`, at most `limit` (a larger backlog is a gap).
     fn history_after<'a>(
@@ -101,6 +95,17 @@ pub trait Broker: Send + Sync + 'static {
 
     /// The id of the channel's newest entry, [`StreamId::ZERO`] if none.
     fn tip<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<StreamId, BrokerError>>;
+}
+
+/// The backbone a node publishes to and subscribes through.
+pub trait Broker: Store {
+    /// Starts receiving `channel`. The request is queued before this returns,
+    /// so calls made in order take effect in order; the future resolves once
+    /// the subscription is live (a message published after that is delivered).
+    fn subscribe(&self, channel: &Channel) -> BoxFuture<'static, Result<(), BrokerError>>;
+
+    /// Stops receiving `channel` (queued in order like [`Broker::subscribe`]).
+    fn unsubscribe(&self, channel: &Channel);
 
     /// Whether the broker is connected (readiness).
     fn is_connected(&self) -> bool;

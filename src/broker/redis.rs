@@ -1,0 +1,605 @@
+//! The Redis backbone: any number of nodes share one Redis.
+//!
+//! - [`RedisStore`] publishes (the publish script: XADD + EXPIRE + PUBLISH,
+//!   atomically) and reads history, through a deadpool-redis pool. App
+//!   services get the same through [`crate::Publisher::redis`].
+//! - [`RedisBroker`] adds the node's single pub/sub connection, owned by one
+//!   task that takes (un)subscribe commands over a channel. The `broadcast`
+//!   channel is always subscribed. When the connection is lost — or silently
+//!   stops delivering, which a periodic probe on the node's own channel
+//!   catches — the task reconnects with capped, jittered exponential backoff,
+//!   resubscribes everything, and tells the hub to refill each active
+//!   channel's gap from history.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use futures_util::StreamExt as _;
+use redis::{Script, Value};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Store};
+use crate::channel::Channel;
+use crate::envelope::{self, StreamId};
+use crate::metrics;
+
+/// The publish script, shipped for apps in any language (see the README).
+pub const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
+const HISTORY_SCRIPT: &str = include_str!("history.lua");
+
+/// How long one Redis command (or a connect) may take before it counts as
+/// failed; keeps a hung Redis from hanging requests.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Settings for the Redis backend.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://` or `rediss://` URL.
+    pub url: String,
+    /// Namespace for keys and channels.
+    pub prefix: String,
+    /// Entries kept per channel (`MAXLEN ~`).
+    pub history_size: u32,
+    /// Idle history expiry.
+    pub history_ttl: Duration,
+    /// How often the pub/sub connection is probed.
+    pub probe_interval: Duration,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+/// Publishing and history over a connection pool.
+#[derive(Clone)]
+pub struct RedisStore {
+    pool: Pool,
+    config: Arc<RedisConfig>,
+    publish: Arc<Script>,
+    history: Arc<Script>,
+}
+
+impl RedisStore {
+    /// A store for `config`; connects lazily, so it builds with Redis down.
+    pub fn new(config: RedisConfig) -> Result<Self, BrokerError> {
+        let pool = PoolConfig::from_url(config.url.clone())
+            .builder()
+            .map_err(unavailable)?
+            .max_size(16)
+            .wait_timeout(Some(COMMAND_TIMEOUT))
+            .create_timeout(Some(COMMAND_TIMEOUT))
+            .recycle_timeout(Some(COMMAND_TIMEOUT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(unavailable)?;
+        Ok(RedisStore {
+            pool,
+            config: Arc::new(config),
+            publish: Arc::new(Script::new(PUBLISH_SCRIPT)),
+            history: Arc::new(Script::new(HISTORY_SCRIPT)),
+        })
+    }
+
+    async fn connection(&self) -> Result<deadpool_redis::Connection, BrokerError> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    /// Runs the publish script for `channel` (EVALSHA, loading it on NOSCRIPT).
+    async fn run_publish(
+        &self,
+        channel: &Channel,
+        event: Option<&str>,
+        data: &str,
+    ) -> Result<StreamId, BrokerError> {
+        let mut conn = self.connection().await?;
+        let prefix = &self.config.prefix;
+        let mut invocation = self.publish.prepare_invoke();
+        invocation
+            .key(channel.history_key(prefix))
+            .key(channel.pubsub_key(prefix))
+            .arg(event.unwrap_or(""))
+            .arg(data)
+            .arg(self.config.history_size)
+            .arg(self.config.history_ttl.as_secs().max(1));
+        let id: String = tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async(&mut *conn))
+            .await
+            .map_err(|_| unavailable("publish timed out"))?
+            .map_err(unavailable)?;
+        id.parse()
+            .map_err(|_| unavailable("publish script returned a bad id"))
+    }
+
+    async fn read_history(
+        &self,
+        channel: &Channel,
+        after: StreamId,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
+        let mut conn = self.connection().await?;
+        // Ask for one more than the limit: getting it means a gap.
+        let count = limit.saturating_add(1).min(i64::MAX as usize);
+        let mut invocation = self.history.prepare_invoke();
+        invocation
+            .key(channel.history_key(&self.config.prefix))
+            .arg(after.to_string())
+            .arg(count);
+        let reply: Value =
+            tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async(&mut *conn))
+                .await
+                .map_err(|_| unavailable("history read timed out"))?
+                .map_err(unavailable)?;
+        parse_history(reply, after, limit).ok_or_else(|| unavailable("unexpected history reply"))
+    }
+
+    async fn read_tip(&self, channel: &Channel) -> Result<StreamId, BrokerError> {
+        let mut conn = self.connection().await?;
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(channel.history_key(&self.config.prefix))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
+        let reply: Value = tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async(&mut *conn))
+            .await
+            .map_err(|_| unavailable("tip read timed out"))?
+            .map_err(unavailable)?;
+        match reply {
+            Value::Array(entries) => Ok(entries
+                .into_iter()
+                .filter_map(|e| parse_entry(e).map(|(id, _)| id))
+                .next()
+                .unwrap_or(StreamId::ZERO)),
+            _ => Err(unavailable("unexpected XREVRANGE reply")),
+        }
+    }
+}
+
+/// Turns the history script's reply into [`History`]; `None` if malformed.
+fn parse_history(reply: Value, after: StreamId, limit: usize) -> Option<History> {
+    let Value::Array(parts) = reply else {
+        return None;
+    };
+    let mut parts = parts.into_iter();
+    match parts.next()? {
+        Value::Int(0) => {
+            // No stream: fine for a cursor that had seen nothing, a gap for
+            // one that had (the history expired or Redis lost it).
+            return Some(if after == StreamId::ZERO {
+                History::Entries(Vec::new())
+            } else {
+                History::Gap
+            });
+        }
+        Value::Int(1) => {}
+        _ => return None,
+    }
+    let deleted: StreamId = text(parts.next()?)?.parse().ok()?;
+    let last: StreamId = text(parts.next()?)?.parse().ok()?;
+    let Value::Array(raw) = parts.next()? else {
+        return None;
+    };
+    if deleted > after || after > last {
+        return Some(History::Gap);
+    }
+    let entries: Vec<Entry> = raw.into_iter().filter_map(parse_entry).collect();
+    if entries.len() > limit {
+        return Some(History::Gap);
+    }
+    Some(History::Entries(entries))
+}
+
+fn text(value: Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// One stream entry `[id, [field, value, …]]` → its id and envelope JSON.
+/// Entries whose data is not JSON are skipped (counted as invalid).
+fn parse_entry(entry: Value) -> Option<Entry> {
+    let Value::Array(mut pair) = entry else {
+        return None;
+    };
+    if pair.len() != 2 {
+        return None;
+    }
+    let fields = pair.pop()?;
+    let id: StreamId = text(pair.pop()?)?.parse().ok()?;
+    let Value::Array(fields) = fields else {
+        return None;
+    };
+    let mut event = None;
+    let mut data = None;
+    let mut fields = fields.into_iter();
+    while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+        match text(name)?.as_str() {
+            "e" => event = text(value).filter(|e| !e.is_empty()),
+            "d" => data = text(value),
+            _ => {}
+        }
+    }
+    let Some(data) = data.and_then(|d| RawValue::from_string(d).ok()) else {
+        metrics::get().invalid.increment(1);
+        return Some((id, Bytes::new()));
+    };
+    let payload = envelope::encode(Some(id), event.as_deref(), &data, id.ms);
+    Some((id, Bytes::from(payload)))
+}
+
+impl Store for RedisStore {
+    fn publish<'a>(
+        &'a self,
+        channel: &'a Channel,
+        event: Option<&'a str>,
+        data: &'a RawValue,
+    ) -> BoxFuture<'a, Result<StreamId, BrokerError>> {
+        Box::pin(self.run_publish(channel, event, data.get()))
+    }
+
+    fn history_after<'a>(
+        &'a self,
+        channel: &'a Channel,
+        after: StreamId,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<History, BrokerError>> {
+        Box::pin(self.read_history(channel, after, limit))
+    }
+
+    fn tip<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<StreamId, BrokerError>> {
+        Box::pin(self.read_tip(channel))
+    }
+}
+
+enum Command {
+    Subscribe(Channel, oneshot::Sender<()>),
+    Unsubscribe(Channel),
+}
+
+/// A node's Redis broker: [`RedisStore`] plus the pub/sub task.
+pub struct RedisBroker {
+    store: RedisStore,
+    commands: mpsc::UnboundedSender<Command>,
+    /// True while the pub/sub connection is up and its probe comes back.
+    connected: Arc<AtomicBool>,
+    /// Stops the pub/sub task when the broker is dropped.
+    stop: CancellationToken,
+}
+
+impl RedisBroker {
+    /// Starts the pub/sub task; messages go to `deliveries`. Returns at
+    /// once: with Redis down the node starts unready and keeps retrying.
+    pub fn start(
+        config: RedisConfig,
+        node_id: &str,
+        deliveries: Deliveries,
+    ) -> Result<Self, BrokerError> {
+        let client = redis::Client::open(config.url.as_str()).map_err(unavailable)?;
+        let store = RedisStore::new(config)?;
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let connected = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
+        let task = PubSubTask {
+            client,
+            store: store.clone(),
+            probe_key: format!("{}:probe:{node_id}", store.config.prefix),
+            commands: receiver,
+            deliveries,
+            connected: connected.clone(),
+            desired: HashSet::from([Channel::broadcast()]),
+            waiting: Vec::new(),
+        };
+        tokio::spawn(task.run(stop.clone()));
+        Ok(RedisBroker {
+            store,
+            commands,
+            connected,
+            stop,
+        })
+    }
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Store for RedisBroker {
+    fn publish<'a>(
+        &'a self,
+        channel: &'a Channel,
+        event: Option<&'a str>,
+        data: &'a RawValue,
+    ) -> BoxFuture<'a, Result<StreamId, BrokerError>> {
+        self.store.publish(channel, event, data)
+    }
+
+    fn history_after<'a>(
+        &'a self,
+        channel: &'a Channel,
+        after: StreamId,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<History, BrokerError>> {
+        self.store.history_after(channel, after, limit)
+    }
+
+    fn tip<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<StreamId, BrokerError>> {
+        self.store.tip(channel)
+    }
+}
+
+impl Broker for RedisBroker {
+    fn subscribe(&self, channel: &Channel) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let (ack, live) = oneshot::channel();
+        let sent = self.commands.send(Command::Subscribe(channel.clone(), ack));
+        Box::pin(async move {
+            sent.map_err(|_| BrokerError::Closed)?;
+            live.await.map_err(|_| BrokerError::Closed)
+        })
+    }
+
+    fn unsubscribe(&self, channel: &Channel) {
+        let _ = self.commands.send(Command::Unsubscribe(channel.clone()));
+    }
+
+    fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// Owns the pub/sub connection. Everything about subscriptions happens on
+/// this one task, so there is no lock and no reordering.
+struct PubSubTask {
+    client: redis::Client,
+    store: RedisStore,
+    /// This node's probe channel (outside Herald's channel namespace).
+    probe_key: String,
+    commands: mpsc::UnboundedReceiver<Command>,
+    deliveries: Deliveries,
+    connected: Arc<AtomicBool>,
+    /// Channels this node needs; resubscribed after every reconnect.
+    desired: HashSet<Channel>,
+    /// Subscribers waiting for the connection to come (back) up.
+    waiting: Vec<oneshot::Sender<()>>,
+}
+
+/// Why a live pub/sub session ended.
+enum Ended {
+    /// The broker was dropped or the node is stopping.
+    Stop,
+    /// Connection lost, a command failed, or the probe went missing.
+    Lost(String),
+}
+
+impl PubSubTask {
+    async fn run(mut self, stop: CancellationToken) {
+        let mut failures: u32 = 0;
+        let mut sessions: u64 = 0;
+        loop {
+            let (ended, subscribed) = tokio::select! {
+                _ = stop.cancelled() => return,
+                attempt = self.session(sessions, &stop) => attempt,
+            };
+            self.set_connected(false);
+            if subscribed {
+                sessions += 1;
+                failures = 0;
+            }
+            match ended {
+                Ended::Stop => return,
+                Ended::Lost(reason) => {
+                    if failures == 0 {
+                        tracing::warn!(%reason, "redis pub/sub lost; reconnecting");
+                    } else {
+                        tracing::debug!(%reason, failures, "redis pub/sub still down");
+                    }
+                    failures += 1;
+                }
+            }
+            let delay = backoff(failures);
+            let wake = Instant::now() + delay;
+            // Keep taking commands while waiting, so the desired set stays
+            // current and nothing queues up unboundedly.
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep_until(wake) => break,
+                    command = self.commands.recv() => match command {
+                        Some(command) => self.apply_offline(command),
+                        None => return,
+                    },
+                }
+            }
+        }
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+        metrics::get()
+            .redis_connected
+            .set(if up { 1.0 } else { 0.0 });
+    }
+
+    fn apply_offline(&mut self, command: Command) {
+        match command {
+            Command::Subscribe(channel, ack) => {
+                self.desired.insert(channel);
+                self.waiting.push(ack);
+            }
+            Command::Unsubscribe(channel) => {
+                if channel != Channel::broadcast() {
+                    self.desired.remove(&channel);
+                }
+            }
+        }
+    }
+
+    /// Connects, subscribes everything, then relays messages and commands
+    /// until the connection is lost. Also says whether it got subscribed.
+    async fn session(&mut self, number: u64, stop: &CancellationToken) -> (Ended, bool) {
+        match self.connect(number).await {
+            Ok((sink, stream)) => (self.relay(sink, stream, stop).await, true),
+            Err(ended) => (ended, false),
+        }
+    }
+
+    async fn connect(
+        &mut self,
+        number: u64,
+    ) -> Result<(redis::aio::PubSubSink, redis::aio::PubSubStream), Ended> {
+        let prefix = self.store.config.prefix.clone();
+        let connect = tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub());
+        let pubsub = match connect.await {
+            Ok(Ok(pubsub)) => pubsub,
+            Ok(Err(e)) => return Err(Ended::Lost(e.to_string())),
+            Err(_) => return Err(Ended::Lost("connect timed out".into())),
+        };
+        let (mut sink, stream) = pubsub.split();
+        let mut keys: Vec<String> = self.desired.iter().map(|c| c.pubsub_key(&prefix)).collect();
+        keys.push(self.probe_key.clone());
+        match tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(&keys)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Ended::Lost(e.to_string())),
+            Err(_) => return Err(Ended::Lost("subscribe timed out".into())),
+        }
+        self.set_connected(true);
+        for ack in self.waiting.drain(..) {
+            let _ = ack.send(());
+        }
+        if number > 0 {
+            metrics::get().redis_reconnects.increment(1);
+            tracing::info!(
+                channels = keys.len(),
+                "redis pub/sub reconnected; refilling gaps"
+            );
+            // Everything missed while down is in the streams: the hub reads
+            // each active channel after the last id it dispatched.
+            if self.deliveries.send(Delivery::Resubscribed).is_err() {
+                return Err(Ended::Stop);
+            }
+        }
+        Ok((sink, stream))
+    }
+
+    async fn relay(
+        &mut self,
+        mut sink: redis::aio::PubSubSink,
+        mut stream: redis::aio::PubSubStream,
+        stop: &CancellationToken,
+    ) -> Ended {
+        let prefix = self.store.config.prefix.clone();
+        let interval = self.store.config.probe_interval;
+        let mut probe = tokio::time::interval_at(Instant::now() + interval, interval);
+        // The probe sent last and not yet seen back.
+        let mut outstanding: Option<(u64, Instant)> = None;
+        let mut probe_seq: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ended::Stop,
+                message = stream.next() => {
+                    let Some(message) = message else {
+                        return Ended::Lost("connection closed".into());
+                    };
+                    let key = message.get_channel_name();
+                    if key == self.probe_key {
+                        let seen: Option<u64> = std::str::from_utf8(message.get_payload_bytes())
+                            .ok()
+                            .and_then(|s| s.parse().ok());
+                        if outstanding.is_some_and(|(seq, _)| Some(seq) == seen) {
+                            outstanding = None;
+                        }
+                        continue;
+                    }
+                    let Some(channel) = Channel::from_pubsub_key(&prefix, key) else {
+                        metrics::get().invalid.increment(1);
+                        continue;
+                    };
+                    let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+                    if self.deliveries.send(Delivery::Message { channel, payload }).is_err() {
+                        return Ended::Stop;
+                    }
+                }
+                command = self.commands.recv() => {
+                    let Some(command) = command else { return Ended::Stop };
+                    let result = match command {
+                        Command::Subscribe(channel, ack) => {
+                            let key = channel.pubsub_key(&prefix);
+                            let fresh = self.desired.insert(channel);
+                            let done = if fresh {
+                                tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(&key)).await
+                            } else {
+                                Ok(Ok(()))
+                            };
+                            if matches!(done, Ok(Ok(()))) {
+                                let _ = ack.send(());
+                            } else {
+                                self.waiting.push(ack);
+                            }
+                            done
+                        }
+                        Command::Unsubscribe(channel) => {
+                            if channel != Channel::broadcast() && self.desired.remove(&channel) {
+                                let key = channel.pubsub_key(&prefix);
+                                tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(&key)).await
+                            } else {
+                                Ok(Ok(()))
+                            }
+                        }
+                    };
+                    match result {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Ended::Lost(e.to_string()),
+                        Err(_) => return Ended::Lost("(un)subscribe timed out".into()),
+                    }
+                }
+                _ = probe.tick() => {
+                    if let Some((_, sent)) = outstanding {
+                        if sent.elapsed() >= interval / 2 {
+                            self.set_connected(false);
+                            return Ended::Lost("probe not delivered: pub/sub is silent".into());
+                        }
+                        continue;
+                    }
+                    probe_seq += 1;
+                    outstanding = Some((probe_seq, Instant::now()));
+                    if let Err(e) = self.send_probe(probe_seq).await {
+                        // Publishing failed: the pool sees Redis down; the
+                        // missing probe will end this session next tick.
+                        tracing::debug!(error = %e, "probe publish failed");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_probe(&self, seq: u64) -> Result<(), BrokerError> {
+        let mut conn = self.store.connection().await?;
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(&self.probe_key).arg(seq);
+        tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<i64>(&mut *conn))
+            .await
+            .map_err(|_| unavailable("probe timed out"))?
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+/// Capped exponential backoff with full jitter on the upper half.
+fn backoff(failures: u32) -> Duration {
+    let exp = BACKOFF_MIN
+        .saturating_mul(1 << failures.min(10))
+        .min(BACKOFF_MAX);
+    let half = exp / 2;
+    half + Duration::from_millis(rand::random_range(0..=half.as_millis() as u64))
+}
