@@ -18,22 +18,15 @@ use crate::config::KeyConfig;
 /// Longest accepted `sub`, in bytes.
 pub const MAX_SUB_LEN: usize = 256;
 
-/// The claims Herald reads. Unknown claims are ignored.
+/// The claims Herald reads. Unknown claims are ignored; `nbf`, `iss` and
+/// `aud` (a string or a list, per RFC 7519) are checked by jsonwebtoken's
+/// validation from the raw token, so they need no field here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// The user id; connections are grouped under `user:<sub>`.
     pub sub: String,
     /// Expiry, seconds since the epoch (required).
     pub exp: u64,
-    /// Not-before, seconds since the epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nbf: Option<u64>,
-    /// Issuer, checked against `--jwt-issuer` when set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iss: Option<String>,
-    /// Audience, checked against `--jwt-audience` when set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
     /// Topic patterns the bearer may subscribe to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topics: Vec<String>,
@@ -249,9 +242,6 @@ pub fn mint(
     let claims = Claims {
         sub: sub.to_owned(),
         exp: now + ttl.as_secs().max(1),
-        nbf: None,
-        iss: None,
-        aud: None,
         topics,
         publish,
     };

@@ -14,6 +14,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+/// How far ahead of this node's clock an envelope id may be (Redis' clock
+/// and ours differ a little); beyond it the id is treated as forged.
+pub const MAX_CLOCK_SKEW_MS: u64 = 60_000;
+
 /// Longest event name, in bytes.
 pub const MAX_EVENT_LEN: usize = 64;
 
@@ -148,6 +152,12 @@ impl<'a> Envelope<'a> {
             Some(id) => Some(id.parse().map_err(|_| EnvelopeError::Id)?),
             None => None,
         };
+        // Ids come from Redis' clock via the publish script. One far in the
+        // future was forged by a raw PUBLISH, and would move every
+        // connection's position past messages still to come.
+        if id.is_some_and(|id: StreamId| id.ms > now_ms().saturating_add(MAX_CLOCK_SKEW_MS)) {
+            return Err(EnvelopeError::Id);
+        }
         Ok(Envelope {
             id,
             event: wire.event,
@@ -260,6 +270,8 @@ mod tests {
         assert!(Envelope::parse(br#"{"event":"x"}"#, 1024).is_err());
         assert!(Envelope::parse(br#"{"data":1,"event":"a b"}"#, 1024).is_err());
         assert!(Envelope::parse(br#"{"data":1,"id":"nope"}"#, 1024).is_err());
+        let forged = format!(r#"{{"data":1,"id":"{}-0"}}"#, now_ms() + 3_600_000);
+        assert!(Envelope::parse(forged.as_bytes(), 1024).is_err());
         assert!(Envelope::parse(br#"{"data":"xxxxxxxx"}"#, 4).is_err());
     }
 

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -121,10 +122,17 @@ struct State {
     connections: usize,
 }
 
+/// The broker's answer to a subscription, shared by every connection that
+/// arrives while it is pending.
+type Answer = watch::Receiver<Option<Result<(), String>>>;
+
 struct Subscribers {
     links: HashMap<u64, Link>,
-    /// Resolves (to the broker's answer) once the subscription is live.
-    live: watch::Receiver<Option<Result<(), String>>>,
+    /// `None` once the subscription is live (most of the time: the watch is
+    /// dropped then, as it costs more memory than the rest of the entry).
+    pending: Option<Answer>,
+    /// Tells this entry apart from an earlier one for the same channel.
+    generation: u64,
     /// Newest id dispatched on this node: where a gap refill starts.
     last_id: StreamId,
 }
@@ -226,7 +234,9 @@ impl Hub {
                     .entry(channel.clone())
                     .or_insert_with(|| self.subscribe(channel));
                 subscribers.links.insert(id, link.clone());
-                live.push(subscribers.live.clone());
+                if let Some(answer) = &subscribers.pending {
+                    live.push(answer.clone());
+                }
             }
             let m = metrics::get();
             m.connections.set(state.connections as f64);
@@ -249,16 +259,42 @@ impl Hub {
     /// request is queued now (under the state lock); a task waits for it to
     /// go live so every connection on the channel can wait on the answer.
     fn subscribe(&self, channel: &Channel) -> Subscribers {
-        let (done, live) = watch::channel(None);
-        let pending = self.shared.broker.subscribe(channel);
-        tokio::spawn(async move {
-            let result = pending.await.map_err(|e| e.to_string());
-            let _ = done.send(Some(result));
-        });
+        let generation = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut request = self.shared.broker.subscribe(channel);
+        let pending = match (&mut request).now_or_never() {
+            // The embedded broker answers at once: nothing to wait for.
+            Some(Ok(())) => None,
+            Some(Err(e)) => Some(watch::channel(Some(Err(e.to_string()))).1),
+            None => {
+                let (done, answer) = watch::channel(None);
+                let hub = Arc::downgrade(&self.shared);
+                let channel = channel.clone();
+                tokio::spawn(async move {
+                    let result = request.await.map_err(|e| e.to_string());
+                    let live = result.is_ok();
+                    let _ = done.send(Some(result));
+                    if let (true, Some(shared)) = (live, hub.upgrade()) {
+                        Hub { shared }.mark_live(&channel, generation);
+                    }
+                });
+                Some(answer)
+            }
+        };
         Subscribers {
             links: HashMap::new(),
-            live,
+            pending,
+            generation,
             last_id: StreamId::ZERO,
+        }
+    }
+
+    /// Drops the pending answer of a subscription that went live, unless
+    /// the entry was replaced meanwhile.
+    fn mark_live(&self, channel: &Channel, generation: u64) {
+        if let Some(subscribers) = self.state().channels.get_mut(channel) {
+            if subscribers.generation == generation {
+                subscribers.pending = None;
+            }
         }
     }
 
@@ -324,6 +360,15 @@ impl Hub {
         }
     }
 
+    /// Closes every local connection of `channel`.
+    fn cut_channel(&self, channel: &Channel) {
+        if let Some(subscribers) = self.state().channels.get(channel) {
+            for link in subscribers.links.values() {
+                link.status.kill.cancel();
+            }
+        }
+    }
+
     /// Runs the dispatch loop until the broker's sender is dropped.
     pub async fn dispatch_from(self, mut deliveries: mpsc::UnboundedReceiver<Delivery>) {
         let max_payload = self.shared.config.max_payload;
@@ -369,10 +414,19 @@ impl Hub {
                         }
                     }
                 }
+                // What was missed cannot be replayed here: cut the
+                // channel's connections so each resumes by cursor and gets
+                // `herald.reset` (or its replay, once Redis answers).
                 Ok(History::Gap) => {
-                    tracing::warn!("history no longer covers a channel's gap after reconnect")
+                    tracing::warn!(
+                        "history no longer covers a gap after reconnect; cutting its connections"
+                    );
+                    self.cut_channel(&channel);
                 }
-                Err(error) => tracing::warn!(%error, "refill after reconnect failed"),
+                Err(error) => {
+                    tracing::warn!(%error, "refill after reconnect failed; cutting the channel's connections");
+                    self.cut_channel(&channel);
+                }
             }
         }
         tracing::info!(refilled, elapsed = ?started.elapsed(), "refilled channels after broker reconnect");
@@ -389,7 +443,8 @@ pub struct Subscription {
     channels: Vec<Channel>,
     /// Frames for this connection.
     pub rx: mpsc::Receiver<Arc<Frame>>,
-    live: Vec<watch::Receiver<Option<Result<(), String>>>>,
+    /// Answers still pending when this connection joined.
+    live: Vec<Answer>,
     /// How the hub signals a cut.
     pub status: Arc<LinkStatus>,
 }

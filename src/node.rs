@@ -113,6 +113,7 @@ impl Node {
             shutdown: CancellationToken::new(),
             draining: Arc::new(AtomicBool::new(false)),
             prometheus,
+            cors: crate::http::cors::Cors::new(&config.cors_origins),
         };
         Ok(Node {
             config,
@@ -157,17 +158,19 @@ impl Node {
         } = self;
         let tracker = TaskTracker::new();
         let admin_stop = CancellationToken::new();
-        let public_app = public_router(state.clone(), &config.cors_origins);
+        let public_app = public_router(state.clone());
         let admin_app = admin_router(state.clone());
         let public_task = tokio::spawn(crate::server::serve(
             public,
             public_app,
+            Some(state.clone()),
             state.shutdown.clone(),
             tracker.clone(),
         ));
         let admin_task = tokio::spawn(crate::server::serve(
             admin,
             admin_app,
+            None,
             admin_stop.clone(),
             TaskTracker::new(),
         ));

@@ -1,35 +1,66 @@
-//! Listeners and the per-connection HTTP task.
+//! Listeners and the per-connection task, with a lean path for `/events`.
 //!
-//! We run hyper's HTTP/1 connections ourselves rather than `axum::serve` for
-//! one reason: a slow client's connection must be closable from outside.
-//! When its socket buffer is full, hyper is parked on a write and never polls
-//! the body again, so ending the body stream would not free anything; the
-//! task below drops the whole connection when its [`ConnectionKill`] fires.
+//! Every connection starts here: we read the request head ourselves (with
+//! `httparse`, into a small buffer, under a timeout). A `GET /events` is then
+//! served by the lean streaming path below; anything else is handed, with the
+//! bytes already read, to hyper and the axum router.
+//!
+//! Why a lean path: idle SSE connections are nearly all of a node's
+//! connections, and under hyper each keeps two 8 KiB buffers for its whole
+//! life. Here a stream keeps no buffer once its head is parsed: the session's
+//! frames are written straight from the shared `Bytes`, and the task's
+//! long-lived future holds only the socket, the session and the write in
+//! flight (everything else runs in boxed futures freed before streaming). It
+//! runs the very same code as the axum route ([`open_session`], the CORS
+//! policy, the error bodies); only the framing differs: the response is
+//! delimited by closing the connection (valid HTTP/1.1, and how every SSE
+//! stream ends anyway), so no chunked encoding is needed.
+//!
+//! Why our own loop at all: a slow client's connection must be closable from
+//! outside. When its socket buffer is full, a writer is parked on a write and
+//! never polls the body again; the tasks below drop the whole connection
+//! when its [`ConnectionKill`] fires.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::response::IntoResponse;
 use axum::Router;
+use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
+
+use crate::http::{open_session, sse_headers, ApiError, AppState};
+use crate::session::Session;
 
 /// Closes one TCP connection when cancelled; handed to handlers through the
 /// request extensions.
 #[derive(Clone, Debug)]
 pub struct ConnectionKill(pub CancellationToken);
 
-/// How long a client may take to send its request headers.
+/// How long a client may take to send its request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head we read; larger ones go to hyper, which answers 431.
+const MAX_HEAD: usize = 16 * 1024;
+/// Most request headers parsed on the lean path.
+const MAX_HEADERS: usize = 64;
 
 /// Accepts connections until `stop` fires; each connection runs on
-/// `tracker` and, once `stop` fired, finishes its current response and closes.
+/// `tracker` and, once `stop` fired, finishes its current response and
+/// closes. With `lean`, `GET /events` takes the lean streaming path.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    lean: Option<AppState>,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -50,32 +81,277 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
+        let lean = lean.clone();
         let stop = stop.clone();
         tracker.spawn(async move {
-            let kill = CancellationToken::new();
-            let request_kill = ConnectionKill(kill.clone());
-            let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-                request.extensions_mut().insert(request_kill.clone());
-                let router = router.clone();
-                router.oneshot(request)
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
+            // Boxed: a task's future is as large as its largest state, and
+            // this task lives as long as the SSE connection.
+            let opened = Box::pin(open(stream, router, lean, stop)).await;
+            if let Some((stream, session, kill)) = opened {
+                stream_events(stream, session, kill).await;
+            }
+        });
+    }
+}
+
+/// Everything before streaming: read the head; serve non-SSE requests with
+/// hyper; open the session and write the response head. Returns what the
+/// streaming phase needs, or `None` when the connection is done.
+async fn open(
+    stream: TcpStream,
+    router: Router,
+    lean: Option<AppState>,
+    stop: CancellationToken,
+) -> Option<(TcpStream, Session, CancellationToken)> {
+    let kill = CancellationToken::new();
+    let Some(state) = lean else {
+        serve_hyper(stream, Bytes::new(), router, kill, stop).await;
+        return None;
+    };
+    let read = tokio::select! {
+        _ = stop.cancelled() => return None,
+        read = tokio::time::timeout(HEADER_READ_TIMEOUT, read_head(stream)) => read,
+    };
+    let (mut stream, headers, query) = match read {
+        Ok(Ok(Head::Events {
+            stream,
+            headers,
+            query,
+        })) => (stream, headers, query),
+        Ok(Ok(Head::Other { stream, read })) => {
+            serve_hyper(stream, read, router, kill, stop).await;
+            return None;
+        }
+        Ok(Err(_)) | Err(_) => return None,
+    };
+    let session = match open_session(&state, &headers, query.as_deref(), kill.clone()).await {
+        Ok(session) => session,
+        Err(error) => {
+            error.count_rejected();
+            let _ = write_error(&mut stream, &state, &headers, error).await;
+            return None;
+        }
+    };
+    let mut head = String::from("HTTP/1.1 200 OK\r\nconnection: close\r\n");
+    let mut extra = HeaderMap::new();
+    for (name, value) in sse_headers() {
+        extra.insert(name, value);
+    }
+    state.cors.apply(&headers, &mut extra);
+    push_headers(&mut head, &extra);
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.ok()?;
+    Some((stream, session, kill))
+}
+
+/// The lean `/events` stream: write each chunk as it comes, until the
+/// session ends, the client goes away or the connection is killed.
+async fn stream_events(mut stream: TcpStream, mut session: Session, kill: CancellationToken) {
+    let mut probe = [0u8; 16];
+    loop {
+        tokio::select! {
+            chunk = session.next_chunk() => {
+                let Some(chunk) = chunk else { break };
+                let written = tokio::select! {
+                    written = stream.write_all(&chunk) => written,
+                    _ = kill.cancelled() => return,
+                };
+                if written.is_err() {
+                    return;
+                }
+            }
+            // The client sends nothing after its request; a read returning
+            // 0 means it closed, so the stream ends now, not at the next
+            // failed write.
+            read = stream.read(&mut probe) => {
+                if !matches!(read, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = stream.shutdown().await;
+}
+
+/// What the request head turned out to be.
+enum Head {
+    /// `GET /events…`: served by the lean path.
+    Events {
+        stream: TcpStream,
+        headers: HeaderMap,
+        query: Option<String>,
+    },
+    /// Anything else, with the bytes read so far, for hyper.
+    Other { stream: TcpStream, read: Bytes },
+}
+
+/// Reads until the request head is complete (or clearly not ours).
+async fn read_head(mut stream: TcpStream) -> io::Result<Head> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut parsed);
+        match request.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let path = request.path.unwrap_or("");
+                let (route, query) = path.split_once('?').unwrap_or((path, ""));
+                if request.method == Some("GET") && route == "/events" {
+                    let mut headers = HeaderMap::with_capacity(request.headers.len());
+                    for h in request.headers.iter() {
+                        if let (Ok(name), Ok(value)) = (
+                            HeaderName::from_bytes(h.name.as_bytes()),
+                            HeaderValue::from_bytes(h.value),
+                        ) {
+                            headers.append(name, value);
+                        }
+                    }
+                    let query = (!query.is_empty()).then(|| query.to_owned());
+                    return Ok(Head::Events {
+                        stream,
+                        headers,
+                        query,
+                    });
+                }
+                break;
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
+            // Too large, too many headers or malformed: hyper answers.
+            _ => break,
+        }
+    }
+    Ok(Head::Other {
+        stream,
+        read: buf.freeze(),
+    })
+}
+
+/// Writes an API error as a complete response and closes.
+async fn write_error(
+    stream: &mut TcpStream,
+    state: &AppState,
+    request: &HeaderMap,
+    error: ApiError,
+) -> io::Result<()> {
+    let response = error.into_response();
+    let status = response.status();
+    let mut headers = response.headers().clone();
+    state.cors.apply(request, &mut headers);
+    let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    headers.remove(axum::http::header::CONTENT_LENGTH);
+    push_headers(&mut head, &headers);
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&body).await?;
+    stream.shutdown().await
+}
+
+fn push_headers(out: &mut String, headers: &HeaderMap) {
+    for (name, value) in headers {
+        if let Ok(value) = value.to_str() {
+            out.push_str(name.as_str());
+            out.push_str(": ");
+            out.push_str(value);
+            out.push_str("\r\n");
+        }
+    }
+}
+
+/// Serves a connection with hyper and the router, replaying `read` first.
+async fn serve_hyper(
+    stream: TcpStream,
+    read: Bytes,
+    router: Router,
+    kill: CancellationToken,
+    stop: CancellationToken,
+) {
+    let request_kill = ConnectionKill(kill.clone());
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(request_kill.clone());
+        router.clone().oneshot(request)
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let io = TokioIo::new(Rewind {
+        prefix: read,
+        inner: stream,
+    });
+    let connection = builder.serve_connection(io, service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = kill.cancelled() => {}
+        _ = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
             tokio::select! {
                 _ = connection.as_mut() => {}
                 _ = kill.cancelled() => {}
-                _ = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        _ = connection.as_mut() => {}
-                        _ = kill.cancelled() => {}
-                    }
-                }
             }
-        });
+        }
+    }
+}
+
+/// A stream that yields `prefix` before reading from `inner`: gives hyper
+/// the request bytes we already read while peeking at the head.
+struct Rewind {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -57,9 +57,9 @@ pub enum StartError {
 /// A running SSE connection.
 pub struct Session {
     subscription: Subscription,
-    /// Position per channel, parallel to `subscription.channels()`.
+    /// Position per channel, parallel to `subscription.channels()`; the
+    /// cursor is encoded from these.
     positions: Vec<StreamId>,
-    cursor: Cursor,
     /// The opening bytes (retry, replay, reset, ready), sent first.
     opening: Option<Bytes>,
     heartbeat: Duration,
@@ -128,7 +128,6 @@ impl Session {
         let now = Instant::now();
         let mut session = Session {
             subscription,
-            cursor: Cursor::default(),
             positions,
             opening: None,
             heartbeat: config.heartbeat,
@@ -138,14 +137,12 @@ impl Session {
             shutdown,
             ended: None,
         };
-        for (channel, position) in channels.iter().zip(&session.positions) {
-            session.cursor.set(channel, *position);
-        }
 
         let m = metrics::get();
         let mut opening = BytesMut::new();
         opening.put_slice(&sse::encode_retry(config.retry.as_millis() as u64));
-        // Merge channels by id so the replay reads in publish order.
+        // Merge channels by id: in order within each channel, and roughly in
+        // publish time across channels (each stream numbers its own ids).
         replay.sort_by_key(|(id, _, _)| *id);
         let max_payload = hub.config().max_payload;
         for (_, channel, payload) in replay {
@@ -165,10 +162,16 @@ impl Session {
             "user": claims.sub,
             "channels": channels.iter().map(Channel::as_str).collect::<Vec<_>>(),
         });
-        let cursor = session.cursor.encode();
+        let cursor = session.cursor();
         opening.put_slice(&sse::encode_control("herald.ready", &ready, Some(&cursor)));
         session.opening = Some(opening.freeze());
         Ok(session)
+    }
+
+    /// The current cursor text.
+    fn cursor(&self) -> String {
+        let channels = self.subscription.channels().iter().map(Channel::as_str);
+        sse::encode_cursor(channels.zip(self.positions.iter().copied()))
     }
 
     /// Appends `frame` unless this connection already has it; returns
@@ -187,9 +190,8 @@ impl Session {
                 return false;
             }
             self.positions[slot] = id;
-            self.cursor.set(&frame.channel, id);
             out.put_slice(b"id: ");
-            out.put_slice(self.cursor.encode().as_bytes());
+            out.put_slice(self.cursor().as_bytes());
             out.put_u8(b'\n');
         }
         out.put_slice(&frame.body);

@@ -104,22 +104,7 @@ impl Cursor {
 
     /// The `id:` text.
     pub fn encode(&self) -> String {
-        let mut json = String::with_capacity(self.positions.len() * 48 + 2);
-        json.push('{');
-        for (i, (channel, id)) in self.positions.iter().enumerate() {
-            if i > 0 {
-                json.push(',');
-            }
-            // Channel names have no control characters; serde_json escapes
-            // quotes and backslashes.
-            json.push_str(&serde_json::Value::from(channel.as_str()).to_string());
-            let _ = write!(json, ":\"{id}\"");
-        }
-        json.push('}');
-        let mut out = String::with_capacity(CURSOR_VERSION.len() + json.len() * 4 / 3 + 4);
-        out.push_str(CURSOR_VERSION);
-        URL_SAFE_NO_PAD.encode_string(json.as_bytes(), &mut out);
-        out
+        encode_cursor(self.positions.iter().map(|(c, id)| (c.as_str(), *id)))
     }
 
     /// Parses a `Last-Event-ID`. Entries for invalid channel names make the
@@ -139,6 +124,27 @@ impl Cursor {
         }
         Ok(Cursor { positions })
     }
+}
+
+/// Encodes positions as a cursor (`v1.` + base64url of a JSON object).
+/// Takes positions from anywhere, so a connection need not keep a map.
+pub fn encode_cursor<'a>(positions: impl Iterator<Item = (&'a str, StreamId)>) -> String {
+    let mut json = String::with_capacity(128);
+    json.push('{');
+    for (i, (channel, id)) in positions.enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        // Channel names have no control characters; serde_json escapes
+        // quotes and backslashes.
+        json.push_str(&serde_json::Value::from(channel).to_string());
+        let _ = write!(json, ":\"{id}\"");
+    }
+    json.push('}');
+    let mut out = String::with_capacity(CURSOR_VERSION.len() + json.len() * 4 / 3 + 4);
+    out.push_str(CURSOR_VERSION);
+    URL_SAFE_NO_PAD.encode_string(json.as_bytes(), &mut out);
+    out
 }
 
 #[cfg(test)]

@@ -42,6 +42,9 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: herald::config::ServeConfig) -> anyhow::Result<()> {
+    // Listen for signals before anything else: a SIGTERM that arrives right
+    // after start-up (systemd, a test) must drain, not kill.
+    let shutdown = shutdown_signal()?;
     let node = Node::bind(config).await?;
     let public = node.public_addr();
     let mut out = std::io::stdout().lock();
@@ -57,29 +60,21 @@ async fn serve(config: herald::config::ServeConfig) -> anyhow::Result<()> {
     )?;
     out.flush()?;
     drop(out);
-    node.run(shutdown_signal()).await
+    node.run(shutdown).await
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
+/// Installs the SIGINT and SIGTERM handlers now; the returned future
+/// resolves on either.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    })
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {

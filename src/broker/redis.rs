@@ -155,7 +155,7 @@ impl RedisStore {
         match reply {
             Value::Array(entries) => Ok(entries
                 .into_iter()
-                .filter_map(|e| parse_entry(e).map(|(id, _)| id))
+                .filter_map(|e| parse_entry_id(&e))
                 .next()
                 .unwrap_or(StreamId::ZERO)),
             _ => Err(unavailable("unexpected XREVRANGE reply")),
@@ -205,6 +205,18 @@ fn text(value: Value) -> Option<String> {
     }
 }
 
+/// The id of one stream entry `[id, fields]`.
+fn parse_entry_id(entry: &Value) -> Option<StreamId> {
+    let Value::Array(pair) = entry else {
+        return None;
+    };
+    match pair.first()? {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
 /// One stream entry `[id, [field, value, …]]` → its id and envelope JSON.
 /// Entries whose data is not JSON are skipped (counted as invalid).
 fn parse_entry(entry: Value) -> Option<Entry> {
@@ -230,8 +242,9 @@ fn parse_entry(entry: Value) -> Option<Entry> {
         }
     }
     let Some(data) = data.and_then(|d| RawValue::from_string(d).ok()) else {
+        // Not from the publish script (it checks data is JSON): skip it.
         metrics::get().invalid.increment(1);
-        return Some((id, Bytes::new()));
+        return None;
     };
     let payload = envelope::encode(Some(id), event.as_deref(), &data, id.ms);
     Some((id, Bytes::from(payload)))
@@ -573,26 +586,30 @@ impl PubSubTask {
                     }
                     probe_seq += 1;
                     outstanding = Some((probe_seq, Instant::now()));
-                    if let Err(e) = self.send_probe(probe_seq).await {
-                        // Publishing failed: the pool sees Redis down; the
-                        // missing probe will end this session next tick.
-                        tracing::debug!(error = %e, "probe publish failed");
-                    }
+                    // Sent from its own task so a slow Redis never stalls
+                    // the relay; if it fails, the probe simply does not
+                    // come back and the next tick ends this session.
+                    let (store, key) = (self.store.clone(), self.probe_key.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = send_probe(&store, &key, probe_seq).await {
+                            tracing::debug!(error = %e, "probe publish failed");
+                        }
+                    });
                 }
             }
         }
     }
+}
 
-    async fn send_probe(&self, seq: u64) -> Result<(), BrokerError> {
-        let mut conn = self.store.connection().await?;
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(&self.probe_key).arg(seq);
-        tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<i64>(&mut *conn))
-            .await
-            .map_err(|_| unavailable("probe timed out"))?
-            .map_err(unavailable)?;
-        Ok(())
-    }
+async fn send_probe(store: &RedisStore, key: &str, seq: u64) -> Result<(), BrokerError> {
+    let mut conn = store.connection().await?;
+    let mut cmd = redis::cmd("PUBLISH");
+    cmd.arg(key).arg(seq);
+    tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<i64>(&mut *conn))
+        .await
+        .map_err(|_| unavailable("probe timed out"))?
+        .map_err(unavailable)?;
+    Ok(())
 }
 
 /// Capped exponential backoff with full jitter on the upper half.

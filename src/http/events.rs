@@ -4,7 +4,7 @@ use std::convert::Infallible;
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use tokio_util::sync::CancellationToken;
@@ -23,21 +23,55 @@ pub(super) async fn events(
     RawQuery(query): RawQuery,
     kill: Option<Extension<ConnectionKill>>,
 ) -> Response {
-    match open(&state, &headers, query.as_deref(), kill).await {
-        Ok(response) => response,
+    // The listener gives each TCP connection a kill token so a slow cut
+    // closes the socket even while a write is blocked; without one (the
+    // router served some other way) the cut only ends the stream.
+    let kill = kill.map_or_else(CancellationToken::new, |Extension(k)| k.0);
+    let session = match open_session(&state, &headers, query.as_deref(), kill).await {
+        Ok(session) => session,
         Err(error) => {
             error.count_rejected();
-            error.into_response()
+            return error.into_response();
         }
+    };
+    // The session lives in the body: when the client goes away hyper drops
+    // the body, and the session's drop unregisters it from the hub.
+    let stream = futures_util::stream::unfold(session, |mut session| async move {
+        let chunk = session.next_chunk().await?;
+        Some((Ok::<_, Infallible>(chunk), session))
+    });
+    let mut response = Body::from_stream(stream).into_response();
+    for (name, value) in sse_headers() {
+        response.headers_mut().insert(name, value);
     }
+    response
 }
 
-async fn open(
+/// The response headers of an event stream (CORS comes on top).
+pub(crate) fn sse_headers() -> [(HeaderName, HeaderValue); 3] {
+    [
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        ),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        // Tells nginx not to buffer this response even where buffering is on.
+        (
+            HeaderName::from_static("x-accel-buffering"),
+            HeaderValue::from_static("no"),
+        ),
+    ]
+}
+
+/// Authenticates the request, resolves its channels and starts its session:
+/// everything `/events` does before streaming, shared by the axum route and
+/// the lean streaming path.
+pub(crate) async fn open_session(
     state: &AppState,
     headers: &HeaderMap,
     query: Option<&str>,
-    kill: Option<Extension<ConnectionKill>>,
-) -> Result<Response, ApiError> {
+    kill: CancellationToken,
+) -> Result<Session, ApiError> {
     let mut topics = Vec::new();
     let mut query_token = None;
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
@@ -75,10 +109,6 @@ async fn open(
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty());
-    // The listener gives each TCP connection a kill token so a slow cut
-    // closes the socket even while a write is blocked; without one (the
-    // router served some other way) the cut only ends the stream.
-    let kill = kill.map_or_else(CancellationToken::new, |Extension(k)| k.0);
     let session = Session::start(
         &state.hub,
         &state.session,
@@ -87,22 +117,8 @@ async fn open(
         last_event_id,
         kill,
         state.shutdown.clone(),
-    )
-    .await?;
-
-    // The session lives in the body: when the client goes away hyper drops
-    // the body, and the session's drop unregisters it from the hub.
-    let stream = futures_util::stream::unfold(session, |mut session| async move {
-        let chunk = session.next_chunk().await?;
-        Some((Ok::<_, Infallible>(chunk), session))
-    });
-    let mut response = Body::from_stream(stream).into_response();
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
     );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    // Boxed: the start-up future is large and must not stay allocated in
+    // the connection's task for the whole life of the stream.
+    Ok(Box::pin(session).await?)
 }

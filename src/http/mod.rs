@@ -3,19 +3,19 @@
 //! listeners so metrics are never exposed by accident.
 
 mod admin;
+pub mod cors;
 mod events;
 mod publish;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{AuthError, Verifier};
 use crate::hub::{Hub, LimitError};
@@ -23,6 +23,7 @@ use crate::metrics::{self, RejectReason};
 use crate::session::{SessionConfig, StartError};
 
 pub use admin::admin_router;
+pub(crate) use events::{open_session, sse_headers};
 
 /// Everything a handler needs; cheap to clone.
 #[derive(Clone)]
@@ -47,6 +48,8 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     /// Renders `/metrics`.
     pub prometheus: PrometheusHandle,
+    /// Allowed CORS origins.
+    pub cors: cors::Cors,
 }
 
 impl AppState {
@@ -56,31 +59,15 @@ impl AppState {
     }
 }
 
-/// The public router.
-pub fn public_router(state: AppState, cors_origins: &[String]) -> Router {
-    let router = Router::new()
+/// The public router. CORS wraps every route (preflights included).
+pub fn public_router(state: AppState) -> Router {
+    let cors = state.cors.clone();
+    Router::new()
         .route("/", get(demo_page))
         .route("/events", get(events::events))
         .route("/publish", post(publish::publish))
-        .with_state(state);
-    let origins: Vec<HeaderValue> = cors_origins
-        .iter()
-        .filter_map(|o| HeaderValue::from_str(o).ok())
-        .collect();
-    if origins.is_empty() {
-        return router;
-    }
-    router.layer(
-        CorsLayer::new()
-            .allow_origin(AllowOrigin::list(origins))
-            .allow_credentials(true)
-            .allow_methods([Method::GET, Method::POST])
-            .allow_headers([
-                header::AUTHORIZATION,
-                header::CONTENT_TYPE,
-                HeaderName::from_static("last-event-id"),
-            ]),
-    )
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(cors, cors::layer))
 }
 
 async fn demo_page() -> Html<&'static str> {
@@ -120,7 +107,8 @@ impl From<StartError> for ApiError {
 }
 
 impl ApiError {
-    fn status(&self) -> StatusCode {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -134,7 +122,7 @@ impl ApiError {
     }
 
     /// Counts a refused SSE connection under DESIGN's reason labels.
-    fn count_rejected(&self) {
+    pub(crate) fn count_rejected(&self) {
         let reason = match self {
             ApiError::Auth(_) => RejectReason::Auth,
             ApiError::Forbidden(_) => RejectReason::Forbidden,
