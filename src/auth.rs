@@ -119,15 +119,23 @@ impl Verifier {
         validation.algorithms = algorithms;
         validation.leeway = keys.jwt_leeway.as_secs();
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut required = vec!["exp", "sub"];
         match &keys.jwt_issuer {
-            Some(iss) => validation.set_issuer(&[iss]),
+            Some(iss) => {
+                validation.set_issuer(&[iss]);
+                required.push("iss");
+            }
             None => validation.iss = None,
         }
         match &keys.jwt_audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
+        // A configured iss/aud must be present, not merely right when present.
+        validation.set_required_spec_claims(&required);
         Ok(Verifier { key, validation })
     }
 

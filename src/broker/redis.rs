@@ -184,10 +184,16 @@ fn parse_history(reply: Value, after: StreamId, limit: usize) -> Option<History>
     }
     let deleted: StreamId = text(parts.next()?)?.parse().ok()?;
     let last: StreamId = text(parts.next()?)?.parse().ok()?;
+    let first: StreamId = text(parts.next()?)?.parse().ok()?;
+    let trimmed = matches!(parts.next()?, Value::Int(1));
     let Value::Array(raw) = parts.next()? else {
         return None;
     };
-    if deleted > after || after > last {
+    // A position before the first kept entry of a stream that lost entries
+    // may have missed some: a gap. (When the position is itself the newest
+    // trimmed entry this resets needlessly; Redis does not record trims
+    // precisely enough to tell.)
+    if deleted > after || after > last || (trimmed && after < first) {
         return Some(History::Gap);
     }
     let entries: Vec<Entry> = raw.into_iter().filter_map(parse_entry).collect();
