@@ -65,11 +65,12 @@ pub enum AuthError {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// The PEM file could not be read.
-    #[error("cannot read --jwt-public-key {path}: {source}")]
+    #[error("cannot read --jwt-public-key {path}")]
     Read {
         /// The configured path.
         path: String,
         /// The I/O error.
+        #[source]
         source: std::io::Error,
     },
     /// Not an RSA, EC (P-256/P-384) or Ed25519 public key in PEM form.
