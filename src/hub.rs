@@ -12,7 +12,7 @@
 //! sees them in the same order as the refcount changes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, BrokerError, Delivery, History};
 use crate::channel::Channel;
 use crate::envelope::{Envelope, StreamId};
+use crate::mailbox::{Mailbox, MailboxRef};
 use crate::metrics::{self, CloseReason};
 use crate::sse;
 
@@ -137,31 +138,8 @@ struct Subscribers {
     last_id: StreamId,
 }
 
-#[derive(Clone)]
-struct Link {
-    tx: mpsc::Sender<Arc<Frame>>,
-    status: Arc<LinkStatus>,
-}
-
-/// Shared between the hub and one connection: how the hub cuts it.
-#[derive(Debug, Default)]
-pub struct LinkStatus {
-    /// Cancelled to close the connection (and its TCP socket).
-    pub kill: CancellationToken,
-    slow: AtomicU8,
-}
-
-impl LinkStatus {
-    /// Whether the hub cut this connection as slow.
-    pub fn is_slow(&self) -> bool {
-        self.slow.load(Ordering::Relaxed) != 0
-    }
-
-    fn cut_slow(&self) {
-        self.slow.store(1, Ordering::Relaxed);
-        self.kill.cancel();
-    }
-}
+/// A connection as the hub sees it: where its frames go.
+type Link = MailboxRef;
 
 impl Hub {
     /// A hub over `broker`; run [`Hub::dispatch_from`] to feed it.
@@ -203,11 +181,7 @@ impl Hub {
         kill: CancellationToken,
     ) -> Result<Subscription, LimitError> {
         let config = &self.shared.config;
-        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
-        let status = Arc::new(LinkStatus {
-            kill,
-            slow: AtomicU8::new(0),
-        });
+        let mailbox = Arc::new(Mailbox::new(config.queue_capacity, kill));
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let mut live = Vec::with_capacity(channels.len());
         let user: Arc<str> = {
@@ -224,16 +198,12 @@ impl Hub {
             };
             *state.users.entry(user.clone()).or_insert(0) += 1;
             state.connections += 1;
-            let link = Link {
-                tx,
-                status: status.clone(),
-            };
             for channel in &channels {
                 let subscribers = state
                     .channels
                     .entry(channel.clone())
                     .or_insert_with(|| self.subscribe(channel));
-                subscribers.links.insert(id, link.clone());
+                subscribers.links.insert(id, mailbox.clone());
                 if let Some(answer) = &subscribers.pending {
                     live.push(answer.clone());
                 }
@@ -249,9 +219,8 @@ impl Hub {
             id,
             user,
             channels,
-            rx,
+            mailbox,
             live,
-            status,
         })
     }
 
@@ -351,11 +320,11 @@ impl Hub {
             subscribers.last_id = subscribers.last_id.max(id);
         }
         for link in subscribers.links.values() {
-            if link.status.kill.is_cancelled() {
+            if link.kill.is_cancelled() {
                 continue;
             }
-            if let Err(mpsc::error::TrySendError::Full(_)) = link.tx.try_send(frame.clone()) {
-                link.status.cut_slow();
+            if !link.push(frame.clone()) {
+                link.cut_slow();
             }
         }
     }
@@ -364,7 +333,7 @@ impl Hub {
     fn cut_channel(&self, channel: &Channel) {
         if let Some(subscribers) = self.state().channels.get(channel) {
             for link in subscribers.links.values() {
-                link.status.kill.cancel();
+                link.kill.cancel();
             }
         }
     }
@@ -441,12 +410,10 @@ pub struct Subscription {
     id: u64,
     user: Arc<str>,
     channels: Vec<Channel>,
-    /// Frames for this connection.
-    pub rx: mpsc::Receiver<Arc<Frame>>,
+    /// Frames for this connection, and how the hub cuts it.
+    pub mailbox: MailboxRef,
     /// Answers still pending when this connection joined.
     live: Vec<Answer>,
-    /// How the hub signals a cut.
-    pub status: Arc<LinkStatus>,
 }
 
 impl Subscription {
@@ -482,7 +449,7 @@ impl Subscription {
     /// Counts the close of this connection under `reason` (the hub's slow
     /// cut wins over the caller's view).
     pub fn close_reason(&self, reason: CloseReason) -> CloseReason {
-        if self.status.is_slow() {
+        if self.mailbox.is_slow() {
             CloseReason::Slow
         } else {
             reason

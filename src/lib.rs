@@ -11,6 +11,7 @@
 //!   [`broker::redis`] shared); knows nothing of connections.
 //! - [`hub`]: local channel → connections table, refcounted subscriptions,
 //!   encode-once fanout, slow-client cuts.
+//! - [`mailbox`]: a connection's bounded frame queue; the slow-client cut.
 //! - [`session`]: one SSE connection: replay, live frames, heartbeats, expiry.
 //! - [`publisher`]: the single publish path (HTTP, CLI, Rust apps).
 //! - [`http`]: routes, on the public and the admin listener.
@@ -29,6 +30,7 @@ pub mod config;
 pub mod envelope;
 pub mod http;
 pub mod hub;
+pub mod mailbox;
 pub mod metrics;
 pub mod publisher;
 pub mod server;

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::json;
-use tokio::sync::mpsc::error::TryRecvError;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -191,7 +190,8 @@ impl Session {
             }
             self.positions[slot] = id;
             out.put_slice(b"id: ");
-            out.put_slice(self.cursor().as_bytes());
+            let channels = self.subscription.channels().iter().map(Channel::as_str);
+            sse::write_cursor(out, channels.zip(self.positions.iter().copied()));
             out.put_u8(b'\n');
         }
         out.put_slice(&frame.body);
@@ -214,7 +214,7 @@ impl Session {
         loop {
             tokio::select! {
                 biased;
-                _ = self.subscription.status.kill.cancelled() => {
+                _ = self.subscription.mailbox.kill.cancelled() => {
                     self.ended = Some(CloseReason::Error);
                     return None;
                 }
@@ -226,19 +226,13 @@ impl Session {
                     self.ended = Some(CloseReason::Expired);
                     return Some(sse::encode_control("herald.expired", &json!({}), None));
                 }
-                frame = self.subscription.rx.recv() => {
-                    let Some(frame) = frame else {
-                        self.ended = Some(CloseReason::Error);
-                        return None;
-                    };
+                frame = self.subscription.mailbox.pop() => {
                     let mut out = BytesMut::new();
                     self.append(&frame, &mut out);
                     // Coalesce what is already queued into the same write.
                     while out.len() < MAX_CHUNK {
-                        match self.subscription.rx.try_recv() {
-                            Ok(frame) => { self.append(&frame, &mut out); }
-                            Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                        }
+                        let Some(frame) = self.subscription.mailbox.try_pop() else { break };
+                        self.append(&frame, &mut out);
                     }
                     if !out.is_empty() {
                         self.next_heartbeat = Instant::now() + self.heartbeat;

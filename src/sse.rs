@@ -129,22 +129,53 @@ impl Cursor {
 /// Encodes positions as a cursor (`v1.` + base64url of a JSON object).
 /// Takes positions from anywhere, so a connection need not keep a map.
 pub fn encode_cursor<'a>(positions: impl Iterator<Item = (&'a str, StreamId)>) -> String {
-    let mut json = String::with_capacity(128);
-    json.push('{');
-    for (i, (channel, id)) in positions.enumerate() {
-        if i > 0 {
-            json.push(',');
+    let mut out = BytesMut::with_capacity(128);
+    write_cursor(&mut out, positions);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+thread_local! {
+    /// Scratch space for the cursor's JSON: cursors are written once per
+    /// delivery, so they must not allocate.
+    static CURSOR_JSON: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Appends the cursor for `positions` to `out`, allocating nothing once
+/// `out` has room.
+pub fn write_cursor<'a>(out: &mut BytesMut, positions: impl Iterator<Item = (&'a str, StreamId)>) {
+    CURSOR_JSON.with_borrow_mut(|json| {
+        json.clear();
+        json.push(b'{');
+        for (i, (channel, id)) in positions.enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            // Channel names have no control characters: only quotes and
+            // backslashes need escaping.
+            json.push(b'"');
+            for &b in channel.as_bytes() {
+                if b == b'"' || b == b'\\' {
+                    json.push(b'\\');
+                }
+                json.push(b);
+            }
+            json.extend_from_slice(b"\":\"");
+            let mut digits = itoa::Buffer::new();
+            json.extend_from_slice(digits.format(id.ms).as_bytes());
+            json.push(b'-');
+            json.extend_from_slice(digits.format(id.seq).as_bytes());
+            json.push(b'"');
         }
-        // Channel names have no control characters; serde_json escapes
-        // quotes and backslashes.
-        json.push_str(&serde_json::Value::from(channel).to_string());
-        let _ = write!(json, ":\"{id}\"");
-    }
-    json.push('}');
-    let mut out = String::with_capacity(CURSOR_VERSION.len() + json.len() * 4 / 3 + 4);
-    out.push_str(CURSOR_VERSION);
-    URL_SAFE_NO_PAD.encode_string(json.as_bytes(), &mut out);
-    out
+        json.push(b'}');
+        out.put_slice(CURSOR_VERSION.as_bytes());
+        let start = out.len();
+        let len = base64::encoded_len(json.len(), false).unwrap_or(0);
+        out.resize(start + len, 0);
+        let written = URL_SAFE_NO_PAD
+            .encode_slice(&json[..], &mut out[start..])
+            .unwrap_or(0);
+        out.truncate(start + written);
+    });
 }
 
 #[cfg(test)]
