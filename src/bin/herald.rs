@@ -45,6 +45,11 @@ async fn serve(config: herald::config::ServeConfig) -> anyhow::Result<()> {
     // Listen for signals before anything else: a SIGTERM that arrives right
     // after start-up (systemd, a test) must drain, not kill.
     let shutdown = shutdown_signal()?;
+    // Every SSE connection is a file descriptor: use all the process may.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(error) => tracing::warn!(%error, "could not raise the open files limit"),
+    }
     let node = Node::bind(config).await?;
     let public = node.public_addr();
     let mut out = std::io::stdout().lock();
