@@ -55,6 +55,16 @@ pub struct RedisConfig {
     pub probe_interval: Duration,
 }
 
+/// `rediss://` uses rustls; its crypto comes from `ring` (pure Rust and
+/// assembly, nothing to install). Installed once per process; an embedding
+/// application that installed its own provider keeps it.
+fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
@@ -71,6 +81,7 @@ pub struct RedisStore {
 impl RedisStore {
     /// A store for `config`; connects lazily, so it builds with Redis down.
     pub fn new(config: RedisConfig) -> Result<Self, BrokerError> {
+        install_tls_provider();
         let pool = PoolConfig::from_url(config.url.clone())
             .builder()
             .map_err(unavailable)?

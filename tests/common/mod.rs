@@ -72,17 +72,23 @@ pub(crate) struct Node {
 impl Node {
     /// Starts a node with the shared test secret plus `args`.
     pub(crate) fn start(args: &[&str]) -> Node {
-        Node::launch(Some(SECRET), args)
+        Node::launch(Some(SECRET), args, &[])
+    }
+
+    /// Like `start`, with extra environment variables for the process.
+    pub(crate) fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Node {
+        Node::launch(Some(SECRET), args, env)
     }
 
     /// Starts a node without `--jwt-secret` (the test passes its own key
     /// flags, or none to get the generated demo secret).
     pub(crate) fn start_without_secret(args: &[&str]) -> Node {
-        Node::launch(None, args)
+        Node::launch(None, args, &[])
     }
 
-    fn launch(secret: Option<&str>, args: &[&str]) -> Node {
+    fn launch(secret: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Node {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.envs(env.iter().copied());
         // A developer's HERALD_* environment must not leak into the tests.
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("HERALD_") {
