@@ -86,6 +86,9 @@ pub enum LimitError {
     /// `--max-connections-per-user` reached (429).
     #[error("too many connections for this user")]
     User,
+    /// The node is draining (503; the client retries another node).
+    #[error("node is draining")]
+    Draining,
 }
 
 /// Limits and sizes the hub enforces.
@@ -99,6 +102,8 @@ pub struct HubConfig {
     pub queue_capacity: usize,
     /// Largest accepted `data`.
     pub max_payload: usize,
+    /// Idle time before a heartbeat comment.
+    pub heartbeat: Duration,
 }
 
 /// Cheap clonable handle to the node's fanout.
@@ -120,7 +125,10 @@ struct State {
     channels: HashMap<Channel, Subscribers>,
     /// Connections per user, for the per-user limit.
     users: HashMap<Arc<str>, usize>,
-    connections: usize,
+    /// Every connection, for the sweep and the drain.
+    mailboxes: HashMap<u64, MailboxRef>,
+    /// Set by [`Hub::drain`]; new connections are refused.
+    draining: bool,
 }
 
 /// The broker's answer to a subscription, shared by every connection that
@@ -172,21 +180,25 @@ impl Hub {
     }
 
     /// Registers a connection of `user` on `channels`, subscribing the broker
-    /// to channels that had no local connection. `kill` closes the
-    /// connection's socket when cancelled (the hub cancels it on a slow cut).
+    /// to channels that had no local connection. Its token expires at
+    /// `expires_at_ms`; `on_kill` is cancelled too when the hub cuts it.
     pub fn connect(
         &self,
         user: &str,
         channels: Vec<Channel>,
-        kill: CancellationToken,
+        expires_at_ms: u64,
+        on_kill: Option<CancellationToken>,
     ) -> Result<Subscription, LimitError> {
         let config = &self.shared.config;
-        let mailbox = Arc::new(Mailbox::new(config.queue_capacity, kill));
+        let mailbox = Arc::new(Mailbox::new(config.queue_capacity, expires_at_ms, on_kill));
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let mut live = Vec::with_capacity(channels.len());
         let user: Arc<str> = {
             let mut state = self.state();
-            if state.connections >= config.max_connections {
+            if state.draining {
+                return Err(LimitError::Draining);
+            }
+            if state.mailboxes.len() >= config.max_connections {
                 return Err(LimitError::Node);
             }
             let user = match state.users.get_key_value(user) {
@@ -197,7 +209,7 @@ impl Hub {
                 None => Arc::from(user),
             };
             *state.users.entry(user.clone()).or_insert(0) += 1;
-            state.connections += 1;
+            state.mailboxes.insert(id, mailbox.clone());
             for channel in &channels {
                 let subscribers = state
                     .channels
@@ -209,7 +221,7 @@ impl Hub {
                 }
             }
             let m = metrics::get();
-            m.connections.set(state.connections as f64);
+            m.connections.set(state.mailboxes.len() as f64);
             m.subscribed_channels.set(state.channels.len() as f64);
             user
         };
@@ -285,9 +297,9 @@ impl Hub {
                 state.users.remove(user);
             }
         }
-        state.connections -= 1;
+        state.mailboxes.remove(&id);
         let m = metrics::get();
-        m.connections.set(state.connections as f64);
+        m.connections.set(state.mailboxes.len() as f64);
         m.subscribed_channels.set(state.channels.len() as f64);
     }
 
@@ -301,7 +313,42 @@ impl Hub {
 
     /// Number of open connections.
     pub fn connection_count(&self) -> usize {
-        self.state().connections
+        self.state().mailboxes.len()
+    }
+
+    /// Starts draining: new connections are refused, and every open one
+    /// ends its stream with a `retry:` (after what is already queued).
+    pub fn drain(&self) {
+        let mut state = self.state();
+        state.draining = true;
+        for mailbox in state.mailboxes.values() {
+            mailbox.shut_down();
+        }
+    }
+
+    /// Raises heartbeat and expiry flags on every connection, about four
+    /// times per heartbeat interval (at most once a second), until the hub
+    /// is dropped. One task for all connections instead of two timers
+    /// each: no timer-wheel work per delivery.
+    pub async fn sweep(self) {
+        let heartbeat = self.shared.config.heartbeat;
+        let period = (heartbeat / 4).clamp(Duration::from_millis(25), Duration::from_secs(1));
+        let heartbeat_ms = heartbeat.as_millis() as u64;
+        let shared = Arc::downgrade(&self.shared);
+        drop(self);
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let now = crate::envelope::now_ms();
+            let hub = Hub { shared };
+            for mailbox in hub.state().mailboxes.values() {
+                mailbox.sweep(now, heartbeat_ms);
+            }
+        }
     }
 
     /// Number of channels with local connections.
@@ -320,7 +367,7 @@ impl Hub {
             subscribers.last_id = subscribers.last_id.max(id);
         }
         for link in subscribers.links.values() {
-            if link.kill.is_cancelled() {
+            if link.is_killed() {
                 continue;
             }
             if !link.push(frame.clone()) {
@@ -333,7 +380,7 @@ impl Hub {
     fn cut_channel(&self, channel: &Channel) {
         if let Some(subscribers) = self.state().channels.get(channel) {
             for link in subscribers.links.values() {
-                link.kill.cancel();
+                link.kill();
             }
         }
     }

@@ -1,49 +1,86 @@
-//! A connection's bounded queue of frames, and how the hub cuts it.
+//! A connection's bounded queue of frames, and every other reason its task
+//! has to wake: a heartbeat is due, its token expired, the node drains, or
+//! the hub cut it.
 //!
-//! Replaces a tokio mpsc channel per connection: most connections are idle
-//! most of the time, and an empty `VecDeque` allocates nothing, where a
-//! channel keeps its first block of slots and its semaphore for life. The
-//! hub pushes (never waits: a full mailbox means a slow client), the
-//! connection's task pops; one waker, woken once per burst.
+//! One mailbox per connection replaces a channel, two cancellation tokens
+//! and two timers. A connection task then waits on exactly one thing, and
+//! neither a delivery nor an idle connection touches a shared lock or the
+//! timer wheel: the hub's sweep (a single task, see [`crate::hub`]) raises
+//! heartbeat and expiry flags for all connections at once. An idle
+//! connection's empty `VecDeque` allocates nothing.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
 use tokio_util::sync::CancellationToken;
 
+use crate::envelope::now_ms;
 use crate::hub::Frame;
 
 /// Queues beyond this capacity are given back once drained, so a burst does
 /// not leave an idle connection holding a large buffer.
 const SHRINK_ABOVE: usize = 64;
 
-/// One connection's queue.
+const KILLED: u8 = 1;
+const SLOW: u8 = 2;
+const SHUTDOWN: u8 = 4;
+const EXPIRED: u8 = 8;
+const HEARTBEAT: u8 = 16;
+
+/// What woke a connection.
+#[derive(Debug)]
+pub enum Wake {
+    /// A frame to write.
+    Frame(Arc<Frame>),
+    /// Idle for the heartbeat interval: write a comment.
+    Heartbeat,
+    /// The token expired.
+    Expired,
+    /// The node is draining.
+    Shutdown,
+    /// The hub cut the connection (slow, or its channel lost history).
+    Killed,
+}
+
+/// One connection's queue and flags.
 #[derive(Debug)]
 pub struct Mailbox {
     /// Frames not yet written. A std mutex: held for a push or a pop only.
     queue: Mutex<VecDeque<Arc<Frame>>>,
-    /// The connection task, parked on an empty queue.
-    waker: AtomicWaker,
+    /// The connection task, parked waiting for its next wake.
+    reader: AtomicWaker,
+    /// The connection task again, parked on a blocked write: a kill must
+    /// reach it there too.
+    writer: AtomicWaker,
+    flags: AtomicU8,
     capacity: usize,
-    /// Cancelled to close the connection (and its TCP socket).
-    pub kill: CancellationToken,
-    slow: AtomicBool,
+    /// When something was last written (ms); the sweep reads it for
+    /// heartbeats.
+    last_write_ms: AtomicU64,
+    /// When the token expires (ms since the epoch).
+    expires_at_ms: u64,
+    /// Also cancelled on a kill, for connections served by hyper, whose
+    /// task waits on a token rather than on this mailbox.
+    on_kill: Option<CancellationToken>,
 }
 
 impl Mailbox {
-    /// A mailbox holding at most `capacity` frames; `kill` closes the
-    /// connection it belongs to.
-    pub fn new(capacity: usize, kill: CancellationToken) -> Self {
+    /// A mailbox holding at most `capacity` frames, for a token expiring at
+    /// `expires_at_ms`.
+    pub fn new(capacity: usize, expires_at_ms: u64, on_kill: Option<CancellationToken>) -> Self {
         Mailbox {
             queue: Mutex::new(VecDeque::new()),
-            waker: AtomicWaker::new(),
+            reader: AtomicWaker::new(),
+            writer: AtomicWaker::new(),
+            flags: AtomicU8::new(0),
             capacity: capacity.max(1),
-            kill,
-            slow: AtomicBool::new(false),
+            last_write_ms: AtomicU64::new(now_ms()),
+            expires_at_ms,
+            on_kill,
         }
     }
 
@@ -51,7 +88,13 @@ impl Mailbox {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a frame; `false` if the mailbox is full.
+    fn raise(&self, flag: u8) {
+        self.flags.fetch_or(flag, Ordering::AcqRel);
+        self.reader.wake();
+    }
+
+    /// Queues a frame; `false` if the mailbox is full (the caller cuts the
+    /// connection as slow).
     pub fn push(&self, frame: Arc<Frame>) -> bool {
         {
             let mut queue = self.queue();
@@ -60,11 +103,11 @@ impl Mailbox {
             }
             queue.push_back(frame);
         }
-        self.waker.wake();
+        self.reader.wake();
         true
     }
 
-    /// The next frame, if one is queued.
+    /// The next queued frame, if any.
     pub fn try_pop(&self) -> Option<Arc<Frame>> {
         let mut queue = self.queue();
         let frame = queue.pop_front();
@@ -74,32 +117,110 @@ impl Mailbox {
         frame
     }
 
-    /// Waits for the next frame.
-    pub async fn pop(&self) -> Arc<Frame> {
+    fn check(&self) -> Option<Wake> {
+        let flags = self.flags.load(Ordering::Acquire);
+        if flags & KILLED != 0 {
+            return Some(Wake::Killed);
+        }
+        // Queued frames go out before a drain or expiry ends the stream.
+        if let Some(frame) = self.try_pop() {
+            return Some(Wake::Frame(frame));
+        }
+        if flags & SHUTDOWN != 0 {
+            return Some(Wake::Shutdown);
+        }
+        if flags & EXPIRED != 0 {
+            return Some(Wake::Expired);
+        }
+        if flags & HEARTBEAT != 0 {
+            self.flags.fetch_and(!HEARTBEAT, Ordering::AcqRel);
+            return Some(Wake::Heartbeat);
+        }
+        None
+    }
+
+    /// Waits for the next reason to act.
+    pub async fn next(&self) -> Wake {
         poll_fn(|cx| {
-            if let Some(frame) = self.try_pop() {
-                return Poll::Ready(frame);
+            if let Some(wake) = self.check() {
+                return Poll::Ready(wake);
             }
-            self.waker.register(cx.waker());
-            // A push between the first look and the registration woke
-            // nobody: look again.
-            match self.try_pop() {
-                Some(frame) => Poll::Ready(frame),
+            self.reader.register(cx.waker());
+            // Something raised between the first look and the
+            // registration woke nobody: look again.
+            match self.check() {
+                Some(wake) => Poll::Ready(wake),
                 None => Poll::Pending,
             }
         })
         .await
     }
 
-    /// Whether the hub cut this connection as slow.
-    pub fn is_slow(&self) -> bool {
-        self.slow.load(Ordering::Relaxed)
+    /// Resolves once the connection is killed (for a task blocked on a
+    /// write to a client that stopped reading).
+    pub async fn killed(&self) {
+        poll_fn(|cx| {
+            if self.is_killed() {
+                return Poll::Ready(());
+            }
+            self.writer.register(cx.waker());
+            if self.is_killed() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Records a write, postponing the next heartbeat.
+    pub fn wrote(&self) {
+        self.last_write_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// For the sweep: raises the heartbeat flag if idle for `heartbeat_ms`,
+    /// and the expiry flag once the token expired.
+    pub fn sweep(&self, now_ms: u64, heartbeat_ms: u64) {
+        if now_ms >= self.expires_at_ms {
+            if self.flags.load(Ordering::Relaxed) & EXPIRED == 0 {
+                self.raise(EXPIRED);
+            }
+        } else if now_ms.saturating_sub(self.last_write_ms.load(Ordering::Relaxed)) >= heartbeat_ms
+        {
+            // Counts as a write, so one idle period gets one heartbeat.
+            self.wrote();
+            self.raise(HEARTBEAT);
+        }
+    }
+
+    /// Ends the connection's stream with a drain `retry:`.
+    pub fn shut_down(&self) {
+        self.raise(SHUTDOWN);
+    }
+
+    /// Closes the connection now.
+    pub fn kill(&self) {
+        self.raise(KILLED);
+        self.writer.wake();
+        if let Some(token) = &self.on_kill {
+            token.cancel();
+        }
     }
 
     /// Marks the connection slow and closes it.
     pub fn cut_slow(&self) {
-        self.slow.store(true, Ordering::Relaxed);
-        self.kill.cancel();
+        self.flags.fetch_or(SLOW, Ordering::AcqRel);
+        self.kill();
+    }
+
+    /// Whether the connection was killed.
+    pub fn is_killed(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & KILLED != 0
+    }
+
+    /// Whether the hub cut this connection as slow.
+    pub fn is_slow(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & SLOW != 0
     }
 }
 
@@ -121,12 +242,19 @@ mod tests {
         })
     }
 
+    fn body(wake: Wake) -> Bytes {
+        match wake {
+            Wake::Frame(f) => f.body.clone(),
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn bounded_fifo_that_wakes_its_reader() {
-        let mailbox = Arc::new(Mailbox::new(2, CancellationToken::new()));
+        let mailbox = Arc::new(Mailbox::new(2, u64::MAX, None));
         let reader = {
             let mailbox = mailbox.clone();
-            tokio::spawn(async move { mailbox.pop().await.body.clone() })
+            tokio::spawn(async move { body(mailbox.next().await) })
         };
         tokio::task::yield_now().await;
         assert!(mailbox.push(frame(1)));
@@ -134,17 +262,43 @@ mod tests {
         assert!(mailbox.push(frame(2)));
         assert!(mailbox.push(frame(3)));
         assert!(!mailbox.push(frame(4)), "full at capacity");
-        assert_eq!(mailbox.try_pop().map(|f| f.body.clone()), Some(Bytes::from_static(&[2])));
-        assert_eq!(mailbox.pop().await.body, Bytes::from_static(&[3]));
+        assert_eq!(body(mailbox.next().await), Bytes::from_static(&[2]));
+        assert_eq!(body(mailbox.next().await), Bytes::from_static(&[3]));
         assert!(mailbox.try_pop().is_none());
     }
 
-    #[test]
-    fn a_slow_cut_kills_the_connection() {
-        let mailbox = Mailbox::new(1, CancellationToken::new());
-        assert!(!mailbox.is_slow());
+    #[tokio::test]
+    async fn frames_drain_before_shutdown_but_a_kill_is_immediate() {
+        let mailbox = Mailbox::new(4, u64::MAX, None);
+        mailbox.push(frame(1));
+        mailbox.shut_down();
+        assert!(matches!(mailbox.next().await, Wake::Frame(_)));
+        assert!(matches!(mailbox.next().await, Wake::Shutdown));
+        mailbox.push(frame(2));
         mailbox.cut_slow();
+        assert!(matches!(mailbox.next().await, Wake::Killed));
         assert!(mailbox.is_slow());
-        assert!(mailbox.kill.is_cancelled());
+        mailbox.killed().await;
+    }
+
+    #[tokio::test]
+    async fn the_sweep_raises_heartbeats_and_expiry() {
+        let mailbox = Mailbox::new(4, now_ms() + 60_000, None);
+        mailbox.sweep(now_ms(), 60_000);
+        assert!(mailbox.check().is_none(), "not idle yet");
+        mailbox.sweep(now_ms() + 1_000, 500);
+        assert!(matches!(mailbox.next().await, Wake::Heartbeat));
+        assert!(mailbox.check().is_none(), "one heartbeat per idle period");
+        mailbox.sweep(now_ms() + 61_000, 500);
+        assert!(matches!(mailbox.next().await, Wake::Expired));
+    }
+
+    #[test]
+    fn a_kill_cancels_the_hyper_token() {
+        let token = CancellationToken::new();
+        let mailbox = Mailbox::new(1, u64::MAX, Some(token.clone()));
+        mailbox.kill();
+        assert!(token.is_cancelled());
+        assert!(mailbox.is_killed() && !mailbox.is_slow());
     }
 }

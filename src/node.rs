@@ -93,16 +93,17 @@ impl Node {
                 max_connections_per_user: config.max_connections_per_user,
                 queue_capacity: config.queue_capacity as usize,
                 max_payload: config.max_payload,
+                heartbeat: config.heartbeat,
             },
         );
         tokio::spawn(hub.clone().dispatch_from(incoming));
+        tokio::spawn(hub.clone().sweep());
 
         let state = AppState {
             hub,
             verifier: Arc::new(verifier),
             session: Arc::new(SessionConfig {
                 node_id,
-                heartbeat: config.heartbeat,
                 retry: config.retry,
                 replay_limit: config.history_size as usize,
             }),
@@ -178,6 +179,7 @@ impl Node {
         shutdown.await;
         tracing::info!(connections = state.hub.connection_count(), "draining");
         state.draining.store(true, Ordering::Relaxed);
+        state.hub.drain();
         state.shutdown.cancel();
         let _ = public_task.await;
         tracker.close();

@@ -87,8 +87,8 @@ pub async fn serve(
             // Boxed: a task's future is as large as its largest state, and
             // this task lives as long as the SSE connection.
             let opened = Box::pin(open(stream, router, lean, stop)).await;
-            if let Some((stream, session, kill)) = opened {
-                stream_events(stream, session, kill).await;
+            if let Some((stream, session)) = opened {
+                stream_events(stream, session).await;
             }
         });
     }
@@ -102,10 +102,9 @@ async fn open(
     router: Router,
     lean: Option<AppState>,
     stop: CancellationToken,
-) -> Option<(TcpStream, Session, CancellationToken)> {
-    let kill = CancellationToken::new();
+) -> Option<(TcpStream, Session)> {
     let Some(state) = lean else {
-        serve_hyper(stream, Bytes::new(), router, kill, stop).await;
+        serve_hyper(stream, Bytes::new(), router, stop).await;
         return None;
     };
     let read = tokio::select! {
@@ -119,12 +118,12 @@ async fn open(
             query,
         })) => (stream, headers, query),
         Ok(Ok(Head::Other { stream, read })) => {
-            serve_hyper(stream, read, router, kill, stop).await;
+            serve_hyper(stream, read, router, stop).await;
             return None;
         }
         Ok(Err(_)) | Err(_) => return None,
     };
-    let session = match open_session(&state, &headers, query.as_deref(), kill.clone()).await {
+    let session = match open_session(&state, &headers, query.as_deref(), None).await {
         Ok(session) => session,
         Err(error) => {
             error.count_rejected();
@@ -141,12 +140,12 @@ async fn open(
     push_headers(&mut head, &extra);
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).await.ok()?;
-    Some((stream, session, kill))
+    Some((stream, session))
 }
 
 /// The lean `/events` stream: write each chunk as it comes, until the
 /// session ends, the client goes away or the connection is killed.
-async fn stream_events(mut stream: TcpStream, mut session: Session, kill: CancellationToken) {
+async fn stream_events(mut stream: TcpStream, mut session: Session) {
     let mut probe = [0u8; 16];
     loop {
         tokio::select! {
@@ -154,7 +153,7 @@ async fn stream_events(mut stream: TcpStream, mut session: Session, kill: Cancel
                 let Some(chunk) = chunk else { break };
                 let written = tokio::select! {
                     written = stream.write_all(&chunk) => written,
-                    _ = kill.cancelled() => return,
+                    _ = session.mailbox().killed() => return,
                 };
                 if written.is_err() {
                     return;
@@ -268,13 +267,8 @@ fn push_headers(out: &mut String, headers: &HeaderMap) {
 }
 
 /// Serves a connection with hyper and the router, replaying `read` first.
-async fn serve_hyper(
-    stream: TcpStream,
-    read: Bytes,
-    router: Router,
-    kill: CancellationToken,
-    stop: CancellationToken,
-) {
+async fn serve_hyper(stream: TcpStream, read: Bytes, router: Router, stop: CancellationToken) {
+    let kill = CancellationToken::new();
     let request_kill = ConnectionKill(kill.clone());
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(request_kill.clone());

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::json;
-use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
@@ -21,6 +20,7 @@ use crate::broker::{BrokerError, History};
 use crate::channel::Channel;
 use crate::envelope::{now_ms, StreamId};
 use crate::hub::{Frame, Hub, LimitError, Subscription};
+use crate::mailbox::{MailboxRef, Wake};
 use crate::metrics::{self, CloseReason};
 use crate::sse::{self, Cursor};
 
@@ -34,8 +34,6 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct SessionConfig {
     /// This node's id, reported in `herald.ready`.
     pub node_id: String,
-    /// Idle time before a heartbeat comment.
-    pub heartbeat: Duration,
     /// The `retry:` hint.
     pub retry: Duration,
     /// Most entries replayed per channel (the history size).
@@ -61,11 +59,7 @@ pub struct Session {
     positions: Vec<StreamId>,
     /// The opening bytes (retry, replay, reset, ready), sent first.
     opening: Option<Bytes>,
-    heartbeat: Duration,
-    next_heartbeat: Instant,
-    expires_at: Instant,
     retry: Duration,
-    shutdown: CancellationToken,
     /// Set once the session has decided to end (and why).
     ended: Option<CloseReason>,
 }
@@ -79,10 +73,10 @@ impl Session {
         claims: &Claims,
         channels: Vec<Channel>,
         last_event_id: Option<&str>,
-        kill: CancellationToken,
-        shutdown: CancellationToken,
+        on_kill: Option<CancellationToken>,
     ) -> Result<Session, StartError> {
-        let mut subscription = hub.connect(&claims.sub, channels, kill)?;
+        let expires_at_ms = claims.exp.saturating_mul(1000);
+        let mut subscription = hub.connect(&claims.sub, channels, expires_at_ms, on_kill)?;
         subscription.wait_live(SUBSCRIBE_TIMEOUT).await?;
         let broker = hub.broker().clone();
         let resume = last_event_id.map(Cursor::decode);
@@ -124,16 +118,11 @@ impl Session {
             hub.note_position(channel, *position);
         }
 
-        let now = Instant::now();
         let mut session = Session {
             subscription,
             positions,
             opening: None,
-            heartbeat: config.heartbeat,
-            next_heartbeat: now + config.heartbeat,
-            expires_at: now + Duration::from_millis((claims.exp * 1000).saturating_sub(now_ms())),
             retry: config.retry,
-            shutdown,
             ended: None,
         };
 
@@ -203,6 +192,11 @@ impl Session {
         true
     }
 
+    /// The connection's mailbox (a blocked write waits on its kill).
+    pub fn mailbox(&self) -> &MailboxRef {
+        &self.subscription.mailbox
+    }
+
     /// The next chunk to write, or `None` when the stream ends.
     pub async fn next_chunk(&mut self) -> Option<Bytes> {
         if let Some(opening) = self.opening.take() {
@@ -211,37 +205,36 @@ impl Session {
         if self.ended.is_some() {
             return None;
         }
+        let mailbox = self.subscription.mailbox.clone();
         loop {
-            tokio::select! {
-                biased;
-                _ = self.subscription.mailbox.kill.cancelled() => {
-                    self.ended = Some(CloseReason::Error);
-                    return None;
-                }
-                _ = self.shutdown.cancelled() => {
-                    self.ended = Some(CloseReason::Shutdown);
-                    return Some(sse::encode_retry(jittered(self.retry)));
-                }
-                _ = sleep_until(self.expires_at) => {
-                    self.ended = Some(CloseReason::Expired);
-                    return Some(sse::encode_control("herald.expired", &json!({}), None));
-                }
-                frame = self.subscription.mailbox.pop() => {
+            match mailbox.next().await {
+                Wake::Frame(frame) => {
                     let mut out = BytesMut::new();
                     self.append(&frame, &mut out);
                     // Coalesce what is already queued into the same write.
                     while out.len() < MAX_CHUNK {
-                        let Some(frame) = self.subscription.mailbox.try_pop() else { break };
+                        let Some(frame) = mailbox.try_pop() else {
+                            break;
+                        };
                         self.append(&frame, &mut out);
                     }
                     if !out.is_empty() {
-                        self.next_heartbeat = Instant::now() + self.heartbeat;
+                        mailbox.wrote();
                         return Some(out.freeze());
                     }
                 }
-                _ = sleep_until(self.next_heartbeat) => {
-                    self.next_heartbeat = Instant::now() + self.heartbeat;
-                    return Some(Bytes::from_static(sse::HEARTBEAT));
+                Wake::Heartbeat => return Some(Bytes::from_static(sse::HEARTBEAT)),
+                Wake::Expired => {
+                    self.ended = Some(CloseReason::Expired);
+                    return Some(sse::encode_control("herald.expired", &json!({}), None));
+                }
+                Wake::Shutdown => {
+                    self.ended = Some(CloseReason::Shutdown);
+                    return Some(sse::encode_retry(jittered(self.retry)));
+                }
+                Wake::Killed => {
+                    self.ended = Some(CloseReason::Error);
+                    return None;
                 }
             }
         }

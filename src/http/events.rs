@@ -26,7 +26,7 @@ pub(super) async fn events(
     // The listener gives each TCP connection a kill token so a slow cut
     // closes the socket even while a write is blocked; without one (the
     // router served some other way) the cut only ends the stream.
-    let kill = kill.map_or_else(CancellationToken::new, |Extension(k)| k.0);
+    let kill = kill.map(|Extension(k)| k.0);
     let session = match open_session(&state, &headers, query.as_deref(), kill).await {
         Ok(session) => session,
         Err(error) => {
@@ -70,7 +70,7 @@ pub(crate) async fn open_session(
     state: &AppState,
     headers: &HeaderMap,
     query: Option<&str>,
-    kill: CancellationToken,
+    on_kill: Option<CancellationToken>,
 ) -> Result<Session, ApiError> {
     let mut topics = Vec::new();
     let mut query_token = None;
@@ -115,8 +115,7 @@ pub(crate) async fn open_session(
         &claims,
         channels,
         last_event_id,
-        kill,
-        state.shutdown.clone(),
+        on_kill,
     );
     // Boxed: the start-up future is large and must not stay allocated in
     // the connection's task for the whole life of the stream.

@@ -115,7 +115,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Limit(LimitError::User) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Limit(LimitError::Node) | ApiError::Unavailable(_) => {
+            ApiError::Limit(LimitError::Node | LimitError::Draining) | ApiError::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         }
