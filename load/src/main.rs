@@ -1,0 +1,299 @@
+//! `herald-load`: load generator and benchmark scenarios for Herald (and,
+//! for comparison, nchan).
+//!
+//! # Layout
+//!
+//! - `main` — the command line.
+//! - `run` — the coordinator: spawns worker processes, paces the ramp,
+//!   publishes, kills a node for failover, samples `/proc`, builds the
+//!   report.
+//! - `worker` — a worker process holding up to ~15,000 SSE connections on
+//!   one thread and accounting for every event.
+//! - `wire` — incremental HTTP/1.1 head, chunked and `text/event-stream`
+//!   decoders (the client side of the contract, tested on edge cases).
+//! - `account` — per-client lost / duplicated / out-of-order bookkeeping.
+//! - `publish` — the paced publisher (HTTP API or Redis publish script).
+//! - `net` — targets, the minimal HTTP client, token minting.
+//! - `procfs` — RSS and CPU time from `/proc`.
+//! - `proto` — what the coordinator and workers say to each other.
+//! - `report`, `chart` — the table, JSON, markdown comparison and PNG.
+
+mod account;
+mod chart;
+mod net;
+mod procfs;
+mod proto;
+mod publish;
+mod report;
+mod run;
+mod wire;
+mod worker;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use crate::proto::Fanout;
+
+#[derive(Parser)]
+#[command(
+    name = "herald-load",
+    version,
+    about = "Load generator and benchmark scenarios for Herald and other SSE fanout servers",
+    long_about = "Holds tens of thousands of SSE connections (spread over worker processes and \
+                  loopback source addresses), publishes sequenced messages at a fixed rate, and \
+                  reports delivered / lost / duplicated / out-of-order counts, end-to-end \
+                  latency, deliveries per second, connect times, and server RSS and CPU from \
+                  /proc. Only loopback targets are accepted."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Hold N connections and report the server's RSS per connection.
+    Idle(RunArgs),
+    /// N connections all receive the `broadcast` channel: M messages at rate R.
+    Broadcast(RunArgs),
+    /// N users, one connection each; message k goes to user u(k mod N).
+    Unicast(RunArgs),
+    /// Connections drop and resume by cursor at --churn-rate while messages flow.
+    Churn(RunArgs),
+    /// Signal --kill-pid mid-run; clients resume elsewhere by cursor; count
+    /// what each lost or got twice.
+    Failover(RunArgs),
+    /// Print JSON reports (from --json-out) as one markdown table; the last
+    /// file is the baseline the others are divided by.
+    Markdown {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Internal: run as a worker process (the plan comes on stdin).
+    #[command(hide = true)]
+    Worker,
+}
+
+/// Which protocol dialect the server speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Herald: JWT cookie, `herald.ready`, `POST /publish` with a JSON envelope.
+    Herald,
+    /// nchan: no auth, user in the query, raw-body publishing to a channel URL.
+    Nchan,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PublishVia {
+    /// The server's HTTP publish API.
+    Http,
+    /// Straight into Redis with Herald's publish script.
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Signal {
+    Kill,
+    Term,
+}
+
+/// Options shared by every scenario.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Base URL of a server (repeatable: clients are spread round robin and
+    /// reconnect to the next one).
+    #[arg(short = 't', long = "target", default_value = "http://127.0.0.1:8080")]
+    pub targets: Vec<String>,
+    #[arg(long, value_enum, default_value_t = Kind::Herald)]
+    pub kind: Kind,
+    /// Concurrent SSE connections (one user each).
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    pub connections: u64,
+    /// Messages to publish.
+    #[arg(short = 'm', long, default_value_t = 200)]
+    pub messages: u64,
+    /// Publish rate, messages per second (0: as fast as possible).
+    #[arg(short = 'r', long, default_value_t = 20.0)]
+    pub rate: f64,
+    /// Who receives the messages in churn and failover (default broadcast).
+    #[arg(long, value_enum)]
+    pub fanout: Option<Fanout>,
+    /// New connections per second during the ramp (all workers together).
+    #[arg(long, default_value_t = 2000.0)]
+    pub ramp: f64,
+    /// How long `idle` holds the connections.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Pause between the ramp and publishing.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub settle: Duration,
+    /// Longest wait for the last deliveries after the last publish.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub drain: Duration,
+    /// HS256 secret to mint client (and publisher) tokens with.
+    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    #[arg(long, default_value = "2h", value_parser = parse_duration)]
+    pub token_ttl: Duration,
+    /// Cookie that carries the client token, as a browser sends it.
+    #[arg(long, default_value = "herald_token")]
+    pub cookie_name: String,
+    /// Subscriber path; `{user}` is replaced [herald: /events, nchan: /events?user={user}].
+    #[arg(long)]
+    pub events_path: Option<String>,
+    /// Event that marks a stream caught up; "" for none (the 200 head)
+    /// [herald: herald.ready, nchan: none].
+    #[arg(long)]
+    pub ready_event: Option<String>,
+    #[arg(long, value_enum, default_value_t = PublishVia::Http)]
+    pub publish: PublishVia,
+    /// Base URL to publish to (repeatable, round robin) [default: the targets].
+    #[arg(long = "publish-url")]
+    pub publish_urls: Vec<String>,
+    /// Publish path; `{channel}` is replaced [herald: /publish, nchan: /pub?id={channel}].
+    #[arg(long)]
+    pub publish_path: Option<String>,
+    /// Publish requests in flight at once (1 keeps broadcast order).
+    #[arg(long, default_value_t = 1)]
+    pub publish_concurrency: usize,
+    /// Bearer token for publishing [default: minted with --jwt-secret,
+    /// publish claim user:* and broadcast].
+    #[arg(long)]
+    pub publish_token: Option<String>,
+    /// Redis for `--publish redis`.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    #[arg(long, default_value = "herald")]
+    pub channel_prefix: String,
+    /// History size passed to the publish script (the nodes' --history-size).
+    #[arg(long, default_value_t = 1000)]
+    pub history_size: u64,
+    /// History TTL passed to the publish script (the nodes' --history-ttl).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+    /// Loopback source addresses to spread connections over: 127.0.0.2 up
+    /// to 127.0.0.(N+1); 0 lets the kernel choose.
+    #[arg(long, default_value_t = 16)]
+    pub source_addrs: usize,
+    /// Most connections per worker process (each may hold ≤ 20,000 files).
+    #[arg(long, default_value_t = 15_000)]
+    pub per_process: u64,
+    /// Worker processes [default: enough for --per-process].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// A server process to sample for RSS and CPU (repeatable).
+    #[arg(long = "server-pid")]
+    pub server_pids: Vec<u32>,
+    /// Churn: forced disconnect + resume per second (all workers together).
+    #[arg(long, default_value_t = 50.0)]
+    pub churn_rate: f64,
+    /// Failover: the server PID to signal (only one you started).
+    #[arg(long)]
+    pub kill_pid: Option<u32>,
+    #[arg(long, value_enum, default_value_t = Signal::Term)]
+    pub kill_signal: Signal,
+    /// Failover: when to signal, after publishing starts [default: 40% in].
+    #[arg(long, value_parser = parse_duration)]
+    pub kill_after: Option<Duration>,
+    /// Fixed reconnect delay instead of the server's `retry:`.
+    #[arg(long, value_parser = parse_duration)]
+    pub retry: Option<Duration>,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// A name for this run in reports (e.g. "herald 3 nodes").
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Print the report as JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+    /// Write a PNG chart: latency distribution and deliveries/s over time.
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
+    /// No progress display.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `500ms`, `15s`, `2m`, `24h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 15s, 2m, 24h"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("{s:?}: unknown unit {other:?}")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let scenario = match cli.command {
+        Command::Worker => exit_on_error(worker::run()),
+        Command::Markdown { files } => exit_on_error(print_markdown(&files)),
+        Command::Idle(a) => (run::Scenario::Idle, a),
+        Command::Broadcast(a) => (run::Scenario::Broadcast, a),
+        Command::Unicast(a) => (run::Scenario::Unicast, a),
+        Command::Churn(a) => (run::Scenario::Churn, a),
+        Command::Failover(a) => (run::Scenario::Failover, a),
+    };
+    exit_on_error(run::main(scenario.0, scenario.1))
+}
+
+fn exit_on_error(r: anyhow::Result<()>) -> ! {
+    match r {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("herald-load: error: {e:#}");
+            std::process::exit(1)
+        }
+    }
+}
+
+fn print_markdown(files: &[PathBuf]) -> anyhow::Result<()> {
+    let mut reports = Vec::new();
+    for f in files {
+        let text =
+            std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        let r: report::Report =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        reports.push(r);
+    }
+    print!("{}", report::markdown(&reports));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

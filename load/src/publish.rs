@@ -1,0 +1,351 @@
+//! The publisher: message `k` carries `{"seq":k,"sent_us":<unix µs>}`,
+//! paced at a fixed rate, sent through the HTTP API (Herald's
+//! `POST /publish`, or an nchan publisher location) or straight into Redis
+//! with Herald's publish script.
+//!
+//! Each message's outcome is kept: confirmed, failed (certainly not
+//! published) or uncertain (sent, but no answer). Only confirmed messages
+//! are expected at the clients.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+
+use crate::net::{unix_now_us, HttpConn, RequestError, Target};
+use crate::proto::{new_histogram, Fanout};
+use crate::Kind;
+
+/// Herald's publish script, the one its nodes and `herald::Publisher` use.
+const PUBLISH_SCRIPT: &str = include_str!("../../src/broker/publish.lua");
+
+pub enum Via {
+    Http {
+        kind: Kind,
+        urls: Vec<Target>,
+        /// `{channel}` is replaced (nchan); Herald's is `/publish`.
+        path: String,
+        /// Bearer token (Herald).
+        token: Option<String>,
+    },
+    Redis {
+        url: String,
+        prefix: String,
+        history_size: u64,
+        history_ttl_s: u64,
+    },
+}
+
+pub struct PublishPlan {
+    pub via: Via,
+    pub messages: u64,
+    pub rate: f64,
+    pub concurrency: usize,
+    pub fanout: Fanout,
+    pub total_clients: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Pending,
+    Confirmed,
+    Failed,
+    Uncertain,
+}
+
+/// What the publisher did.
+pub struct Published {
+    pub attempted: u64,
+    pub confirmed: u64,
+    /// Sorted sequence numbers not to expect (failed or uncertain).
+    pub excluded: Vec<u64>,
+    pub failed: u64,
+    pub uncertain: u64,
+    pub started: Instant,
+    pub finished: Instant,
+    /// Request round trip, µs.
+    pub rtt: Histogram<u64>,
+    pub first_error: Option<String>,
+}
+
+/// Live count of messages sent, for the progress display.
+pub type SentCounter = Arc<AtomicU64>;
+
+struct State {
+    outcomes: Mutex<Vec<Outcome>>,
+    rtt: Mutex<Histogram<u64>>,
+    first_error: Mutex<Option<String>>,
+    next: AtomicU64,
+}
+
+impl State {
+    fn error(&self, e: String) {
+        if let Ok(mut first) = self.first_error.lock() {
+            first.get_or_insert(e);
+        }
+    }
+    fn set(&self, k: u64, o: Outcome) {
+        if let Ok(mut v) = self.outcomes.lock() {
+            v[k as usize] = o;
+        }
+    }
+}
+
+pub fn channel_for(plan: &PublishPlan, k: u64) -> String {
+    match plan.fanout {
+        Fanout::Broadcast => "broadcast".to_string(),
+        Fanout::Unicast => format!("user:u{}", k % plan.total_clients.max(1)),
+    }
+}
+
+pub async fn run(plan: Arc<PublishPlan>, sent: SentCounter) -> anyhow::Result<Published> {
+    let state = Arc::new(State {
+        outcomes: Mutex::new(vec![Outcome::Pending; plan.messages as usize]),
+        rtt: Mutex::new(new_histogram()),
+        first_error: Mutex::new(None),
+        next: AtomicU64::new(0),
+    });
+    let redis = match &plan.via {
+        Via::Redis { url, .. } => {
+            let client = redis::Client::open(url.as_str()).context("redis URL")?;
+            let conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .with_context(|| format!("connecting to {url}"))?;
+            let script = redis::Script::new(PUBLISH_SCRIPT);
+            // Load once so every call is an EVALSHA.
+            script
+                .prepare_invoke()
+                .load_async(&mut conn.clone())
+                .await
+                .context("loading the publish script")?;
+            Some((conn, Arc::new(script)))
+        }
+        Via::Http { .. } => None,
+    };
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..plan.concurrency.max(1) {
+        let plan = plan.clone();
+        let state = state.clone();
+        let sent = sent.clone();
+        let redis = redis.clone();
+        tasks.push(tokio::spawn(async move {
+            match redis {
+                Some((conn, script)) => {
+                    redis_sender(&plan, &state, &sent, started, conn, &script).await
+                }
+                None => http_sender(&plan, &state, &sent, started, worker).await,
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.context("publisher task")?;
+    }
+    let finished = Instant::now();
+    let outcomes = state
+        .outcomes
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut excluded = Vec::new();
+    let (mut confirmed, mut failed, mut uncertain) = (0, 0, 0);
+    for (k, o) in outcomes.iter().enumerate() {
+        match o {
+            Outcome::Confirmed => confirmed += 1,
+            Outcome::Failed | Outcome::Pending => {
+                failed += 1;
+                excluded.push(k as u64);
+            }
+            Outcome::Uncertain => {
+                uncertain += 1;
+                excluded.push(k as u64);
+            }
+        }
+    }
+    let rtt = state
+        .rtt
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    let first_error = state.first_error.lock().ok().and_then(|e| e.clone());
+    Ok(Published {
+        attempted: plan.messages,
+        confirmed,
+        excluded,
+        failed,
+        uncertain,
+        started,
+        finished,
+        rtt,
+        first_error,
+    })
+}
+
+/// Takes the next message number and waits for its slot in the schedule.
+async fn next_message(plan: &PublishPlan, state: &State, started: Instant) -> Option<u64> {
+    let k = state.next.fetch_add(1, Ordering::Relaxed);
+    if k >= plan.messages {
+        return None;
+    }
+    if plan.rate > 0.0 {
+        let at = started + Duration::from_secs_f64(k as f64 / plan.rate);
+        tokio::time::sleep_until(at.into()).await;
+    }
+    Some(k)
+}
+
+fn payload(k: u64) -> String {
+    format!("{{\"seq\":{k},\"sent_us\":{}}}", unix_now_us())
+}
+
+async fn redis_sender(
+    plan: &PublishPlan,
+    state: &State,
+    sent: &SentCounter,
+    started: Instant,
+    mut conn: redis::aio::MultiplexedConnection,
+    script: &redis::Script,
+) {
+    let Via::Redis {
+        prefix,
+        history_size,
+        history_ttl_s,
+        ..
+    } = &plan.via
+    else {
+        return;
+    };
+    while let Some(k) = next_message(plan, state, started).await {
+        let channel = channel_for(plan, k);
+        let t = Instant::now();
+        let result: redis::RedisResult<String> = script
+            .key(format!("{prefix}:{{{channel}}}:h"))
+            .key(format!("{prefix}:{{{channel}}}"))
+            .arg("")
+            .arg(payload(k))
+            .arg(*history_size)
+            .arg(*history_ttl_s)
+            .invoke_async(&mut conn)
+            .await;
+        sent.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(_) => {
+                state.set(k, Outcome::Confirmed);
+                if let Ok(mut h) = state.rtt.lock() {
+                    let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+                }
+            }
+            Err(e) => {
+                // A server error reply means the script did not run; an
+                // I/O error leaves it unknown.
+                let outcome = if e.kind() == redis::ErrorKind::Io || e.is_timeout() {
+                    Outcome::Uncertain
+                } else {
+                    Outcome::Failed
+                };
+                state.set(k, outcome);
+                state.error(format!("redis: {e}"));
+            }
+        }
+    }
+}
+
+async fn http_sender(
+    plan: &PublishPlan,
+    state: &State,
+    sent: &SentCounter,
+    started: Instant,
+    worker: usize,
+) {
+    let Via::Http {
+        kind,
+        urls,
+        path,
+        token,
+    } = &plan.via
+    else {
+        return;
+    };
+    let timeout = Duration::from_secs(10);
+    // One keep-alive connection per URL, opened on first use.
+    let mut conns: Vec<Option<HttpConn>> = urls.iter().map(|_| None).collect();
+    let mut down_until: Vec<Option<Instant>> = vec![None; urls.len()];
+    while let Some(k) = next_message(plan, state, started).await {
+        let channel = channel_for(plan, k);
+        let (req_path, body) = match kind {
+            Kind::Herald => (
+                path.clone(),
+                format!("{{\"channel\":\"{channel}\",\"data\":{}}}", payload(k)),
+            ),
+            Kind::Nchan => (path.replace("{channel}", &channel), payload(k)),
+        };
+        let mut outcome = Outcome::Failed;
+        // Try each URL at most once, starting round robin.
+        for attempt in 0..urls.len() {
+            let u = (k as usize + worker + attempt) % urls.len();
+            if down_until[u].is_some_and(|t| Instant::now() < t) && attempt + 1 < urls.len() {
+                continue;
+            }
+            let target = &urls[u];
+            if conns[u].is_none() {
+                match HttpConn::open(target.addr, timeout).await {
+                    Ok(c) => conns[u] = Some(c),
+                    Err(e) => {
+                        state.error(format!("publish connect {}: {e}", target.url));
+                        down_until[u] = Some(Instant::now() + Duration::from_secs(1));
+                        continue; // nothing sent: try the next URL
+                    }
+                }
+            }
+            let mut req = format!(
+                "POST {}{} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+                target.prefix,
+                req_path,
+                target.host,
+                body.len()
+            );
+            if let Some(token) = token {
+                req.push_str(&format!("Authorization: Bearer {token}\r\n"));
+            }
+            req.push_str("\r\n");
+            req.push_str(&body);
+            let t = Instant::now();
+            let Some(conn) = conns[u].as_mut() else {
+                continue;
+            };
+            match conn.exchange(req.as_bytes(), timeout).await {
+                Ok(resp) => {
+                    if !resp.keep_alive {
+                        conns[u] = None;
+                    }
+                    if (200..300).contains(&resp.status) {
+                        outcome = Outcome::Confirmed;
+                        if let Ok(mut h) = state.rtt.lock() {
+                            let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+                        }
+                    } else {
+                        state.error(format!(
+                            "publish {}: HTTP {} {}",
+                            target.url,
+                            resp.status,
+                            String::from_utf8_lossy(&resp.body[..resp.body.len().min(200)])
+                        ));
+                        outcome = Outcome::Failed;
+                    }
+                    break;
+                }
+                Err(RequestError(e)) => {
+                    conns[u] = None;
+                    down_until[u] = Some(Instant::now() + Duration::from_secs(1));
+                    state.error(format!("publish {}: {e}", target.url));
+                    outcome = Outcome::Uncertain;
+                    break;
+                }
+            }
+        }
+        sent.fetch_add(1, Ordering::Relaxed);
+        state.set(k, outcome);
+    }
+}
