@@ -14,8 +14,23 @@ use std::sync::Arc;
 pub const MAX_CHANNEL_LEN: usize = 256;
 
 /// A validated channel name.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Eq, PartialOrd, Ord)]
 pub struct Channel(Arc<str>);
+
+impl std::hash::Hash for Channel {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // By content, consistent with `eq`.
+        self.0.hash(state);
+    }
+}
+
+impl PartialEq for Channel {
+    /// The hub hands every connection and frame of a channel the same
+    /// `Arc`, so the per-delivery comparison is usually a pointer check.
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
 
 /// Why a channel name was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -136,6 +136,9 @@ struct State {
 type Answer = watch::Receiver<Option<Result<(), String>>>;
 
 struct Subscribers {
+    /// The channel's canonical handle: frames and connections share it, so
+    /// comparing them is a pointer check.
+    channel: Channel,
     links: HashMap<u64, Link>,
     /// `None` once the subscription is live (most of the time: the watch is
     /// dropped then, as it costs more memory than the rest of the entry).
@@ -185,7 +188,7 @@ impl Hub {
     pub fn connect(
         &self,
         user: &str,
-        channels: Vec<Channel>,
+        mut channels: Vec<Channel>,
         expires_at_ms: u64,
         on_kill: Option<CancellationToken>,
     ) -> Result<Subscription, LimitError> {
@@ -210,11 +213,12 @@ impl Hub {
             };
             *state.users.entry(user.clone()).or_insert(0) += 1;
             state.mailboxes.insert(id, mailbox.clone());
-            for channel in &channels {
+            for channel in &mut channels {
                 let subscribers = state
                     .channels
                     .entry(channel.clone())
                     .or_insert_with(|| self.subscribe(channel));
+                *channel = subscribers.channel.clone();
                 subscribers.links.insert(id, mailbox.clone());
                 if let Some(answer) = &subscribers.pending {
                     live.push(answer.clone());
@@ -262,6 +266,7 @@ impl Hub {
             }
         };
         Subscribers {
+            channel: channel.clone(),
             links: HashMap::new(),
             pending,
             generation,
@@ -357,12 +362,13 @@ impl Hub {
     }
 
     /// Fans out one validated frame to every local connection of its channel.
-    pub fn dispatch(&self, frame: Frame) {
-        let frame = Arc::new(frame);
+    pub fn dispatch(&self, mut frame: Frame) {
         let mut state = self.state();
         let Some(subscribers) = state.channels.get_mut(&frame.channel) else {
             return;
         };
+        frame.channel = subscribers.channel.clone();
+        let frame = Arc::new(frame);
         if let Some(id) = frame.id {
             subscribers.last_id = subscribers.last_id.max(id);
         }

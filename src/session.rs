@@ -133,13 +133,15 @@ impl Session {
         // publish time across channels (each stream numbers its own ids).
         replay.sort_by_key(|(id, _, _)| *id);
         let max_payload = hub.config().max_payload;
+        let now = now_ms();
+        let mut replayed = 0;
         for (_, channel, payload) in replay {
             if let Some(frame) = Frame::decode(channel, &payload, max_payload) {
-                if session.append(&frame, &mut opening) {
-                    m.replayed.increment(1);
-                }
+                replayed += u64::from(session.append(&frame, &mut opening, now));
             }
         }
+        m.replayed.increment(replayed);
+        m.delivered.increment(replayed);
         if !reset.is_empty() {
             m.resets.increment(1);
             let data = json!({ "channels": reset });
@@ -164,7 +166,8 @@ impl Session {
 
     /// Appends `frame` unless this connection already has it; returns
     /// whether it was appended.
-    fn append(&mut self, frame: &Frame, out: &mut BytesMut) -> bool {
+    /// Metrics are the caller's: it counts once per chunk.
+    fn append(&mut self, frame: &Frame, out: &mut BytesMut, now_ms: u64) -> bool {
         let Some(slot) = self
             .subscription
             .channels()
@@ -184,10 +187,10 @@ impl Session {
             out.put_u8(b'\n');
         }
         out.put_slice(&frame.body);
-        let m = metrics::get();
-        m.delivered.increment(1);
         if let Some(ts) = frame.ts {
-            m.lag.record(now_ms().saturating_sub(ts) as f64 / 1000.0);
+            metrics::get()
+                .lag
+                .record(now_ms.saturating_sub(ts) as f64 / 1000.0);
         }
         true
     }
@@ -209,15 +212,18 @@ impl Session {
         loop {
             match mailbox.next().await {
                 Wake::Frame(frame) => {
-                    let mut out = BytesMut::new();
-                    self.append(&frame, &mut out);
+                    let now = now_ms();
+                    // Room for the frame, its cursor line, and a little more.
+                    let mut out = BytesMut::with_capacity(frame.body.len() + 256);
+                    let mut delivered = u64::from(self.append(&frame, &mut out, now));
                     // Coalesce what is already queued into the same write.
                     while out.len() < MAX_CHUNK {
                         let Some(frame) = mailbox.try_pop() else {
                             break;
                         };
-                        self.append(&frame, &mut out);
+                        delivered += u64::from(self.append(&frame, &mut out, now));
                     }
+                    metrics::get().delivered.increment(delivered);
                     if !out.is_empty() {
                         mailbox.wrote();
                         return Some(out.freeze());
