@@ -77,6 +77,10 @@ fn warn_rate_limited(channel: &Channel, error: &dyn std::fmt::Display) {
     }
 }
 
+/// Extra attempts at a history read while refilling after a reconnect.
+const REFILL_RETRIES: usize = 3;
+const REFILL_RETRY_DELAY: Duration = Duration::from_millis(250);
+
 /// A connection refused by a limit.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LimitError {
@@ -422,12 +426,25 @@ impl Hub {
         let max_payload = self.shared.config.max_payload;
         let mut refilled = 0usize;
         for (channel, after) in active {
-            match self
+            // Redis may still be loading its data right after a restart:
+            // a failed read is tried a few times before giving up.
+            let mut read = self
                 .shared
                 .broker
                 .history_after(&channel, after, usize::MAX)
-                .await
-            {
+                .await;
+            for _ in 0..REFILL_RETRIES {
+                if read.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(REFILL_RETRY_DELAY).await;
+                read = self
+                    .shared
+                    .broker
+                    .history_after(&channel, after, usize::MAX)
+                    .await;
+            }
+            match read {
                 Ok(History::Entries(entries)) => {
                     for (_, payload) in entries {
                         if let Some(frame) = Frame::decode(channel.clone(), &payload, max_payload) {

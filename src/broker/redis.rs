@@ -17,8 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use deadpool::managed::{self, Object, Pool, RecycleResult};
+use deadpool_redis::Runtime;
 use futures_util::StreamExt as _;
+use redis::aio::MultiplexedConnection;
+use redis::RedisError;
 use redis::{Script, Value};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
@@ -69,10 +72,74 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
+/// deadpool-redis' manager PINGs a connection on every checkout: a second
+/// round trip (and Redis command) per publish. A multiplexed connection needs
+/// no such check; one that failed a command is discarded instead (`settle`).
+struct Multiplexed(deadpool_redis::Manager);
+
+impl managed::Manager for Multiplexed {
+    type Type = MultiplexedConnection;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<MultiplexedConnection, RedisError> {
+        self.0.create().await
+    }
+
+    async fn recycle(
+        &self,
+        _: &mut MultiplexedConnection,
+        _: &managed::Metrics,
+    ) -> RecycleResult<RedisError> {
+        Ok(())
+    }
+}
+
+type Connection = Object<Multiplexed>;
+
+/// Why a command failed.
+enum Failure {
+    /// The connection broke (and was dropped from the pool): worth one more
+    /// try on a fresh connection, e.g. after Redis restarted.
+    Broken(BrokerError),
+    /// Anything else.
+    Failed(BrokerError),
+}
+
+/// The outcome of a command run under [`COMMAND_TIMEOUT`]; a connection
+/// that timed out or broke is dropped from the pool rather than reused.
+fn settle<T>(
+    conn: Connection,
+    result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    what: &str,
+) -> Result<T, Failure> {
+    match result {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => {
+            let message = unavailable(format!("{what}: {error}"));
+            if error.is_io_error() || error.is_unrecoverable_error() || error.is_timeout() {
+                let _ = Object::take(conn);
+                Err(Failure::Broken(message))
+            } else {
+                Err(Failure::Failed(message))
+            }
+        }
+        Err(_) => {
+            let _ = Object::take(conn);
+            Err(Failure::Failed(unavailable(format!("{what} timed out"))))
+        }
+    }
+}
+
+/// What can be sent to Redis on a pooled connection.
+enum Request<'a> {
+    Cmd(&'a redis::Cmd),
+    Script(&'a redis::ScriptInvocation<'a>),
+}
+
 /// Publishing and history over a connection pool.
 #[derive(Clone)]
 pub struct RedisStore {
-    pool: Pool,
+    pool: Pool<Multiplexed>,
     config: Arc<RedisConfig>,
     publish: Arc<Script>,
     history: Arc<Script>,
@@ -82,9 +149,8 @@ impl RedisStore {
     /// A store for `config`; connects lazily, so it builds with Redis down.
     pub fn new(config: RedisConfig) -> Result<Self, BrokerError> {
         install_tls_provider();
-        let pool = PoolConfig::from_url(config.url.clone())
-            .builder()
-            .map_err(unavailable)?
+        let manager = deadpool_redis::Manager::new(config.url.as_str()).map_err(unavailable)?;
+        let pool = Pool::builder(Multiplexed(manager))
             .max_size(16)
             .wait_timeout(Some(COMMAND_TIMEOUT))
             .create_timeout(Some(COMMAND_TIMEOUT))
@@ -100,8 +166,34 @@ impl RedisStore {
         })
     }
 
-    async fn connection(&self) -> Result<deadpool_redis::Connection, BrokerError> {
+    async fn connection(&self) -> Result<Connection, BrokerError> {
         self.pool.get().await.map_err(unavailable)
+    }
+
+    /// Runs one request, once more on a fresh connection if the pooled one
+    /// turned out broken (Redis restarted since it was opened).
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        request: Request<'_>,
+        what: &str,
+    ) -> Result<T, BrokerError> {
+        let mut retried = false;
+        loop {
+            let mut conn = self.connection().await?;
+            let result = match request {
+                Request::Cmd(cmd) => {
+                    tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async(&mut *conn)).await
+                }
+                Request::Script(script) => {
+                    tokio::time::timeout(COMMAND_TIMEOUT, script.invoke_async(&mut *conn)).await
+                }
+            };
+            match settle(conn, result, what) {
+                Ok(value) => return Ok(value),
+                Err(Failure::Broken(_)) if !retried => retried = true,
+                Err(Failure::Broken(e) | Failure::Failed(e)) => return Err(e),
+            }
+        }
     }
 
     /// Runs the publish script for `channel` (EVALSHA, loading it on NOSCRIPT).
@@ -111,7 +203,6 @@ impl RedisStore {
         event: Option<&str>,
         data: &str,
     ) -> Result<StreamId, BrokerError> {
-        let mut conn = self.connection().await?;
         let prefix = &self.config.prefix;
         let mut invocation = self.publish.prepare_invoke();
         invocation
@@ -121,10 +212,7 @@ impl RedisStore {
             .arg(data)
             .arg(self.config.history_size)
             .arg(self.config.history_ttl.as_secs().max(1));
-        let id: String = tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async(&mut *conn))
-            .await
-            .map_err(|_| unavailable("publish timed out"))?
-            .map_err(unavailable)?;
+        let id: String = self.query(Request::Script(&invocation), "publish").await?;
         id.parse()
             .map_err(|_| unavailable("publish script returned a bad id"))
     }
@@ -135,7 +223,6 @@ impl RedisStore {
         after: StreamId,
         limit: usize,
     ) -> Result<History, BrokerError> {
-        let mut conn = self.connection().await?;
         // Ask for one more than the limit: getting it means a gap.
         let count = limit.saturating_add(1).min(i64::MAX as usize);
         let mut invocation = self.history.prepare_invoke();
@@ -143,26 +230,20 @@ impl RedisStore {
             .key(channel.history_key(&self.config.prefix))
             .arg(after.to_string())
             .arg(count);
-        let reply: Value =
-            tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async(&mut *conn))
-                .await
-                .map_err(|_| unavailable("history read timed out"))?
-                .map_err(unavailable)?;
+        let reply: Value = self
+            .query(Request::Script(&invocation), "history read")
+            .await?;
         parse_history(reply, after, limit).ok_or_else(|| unavailable("unexpected history reply"))
     }
 
     async fn read_tip(&self, channel: &Channel) -> Result<StreamId, BrokerError> {
-        let mut conn = self.connection().await?;
         let mut cmd = redis::cmd("XREVRANGE");
         cmd.arg(channel.history_key(&self.config.prefix))
             .arg("+")
             .arg("-")
             .arg("COUNT")
             .arg(1);
-        let reply: Value = tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async(&mut *conn))
-            .await
-            .map_err(|_| unavailable("tip read timed out"))?
-            .map_err(unavailable)?;
+        let reply: Value = self.query(Request::Cmd(&cmd), "tip read").await?;
         match reply {
             Value::Array(entries) => Ok(entries
                 .into_iter()
@@ -619,14 +700,12 @@ impl PubSubTask {
 }
 
 async fn send_probe(store: &RedisStore, key: &str, seq: u64) -> Result<(), BrokerError> {
-    let mut conn = store.connection().await?;
     let mut cmd = redis::cmd("PUBLISH");
     cmd.arg(key).arg(seq);
-    tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<i64>(&mut *conn))
+    store
+        .query::<i64>(Request::Cmd(&cmd), "probe")
         .await
-        .map_err(|_| unavailable("probe timed out"))?
-        .map_err(unavailable)?;
-    Ok(())
+        .map(drop)
 }
 
 /// Capped exponential backoff with full jitter on the upper half.
