@@ -221,25 +221,8 @@ pub struct RunArgs {
     pub quiet: bool,
 }
 
-/// `500ms`, `15s`, `2m`, `24h`, or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 15s, 2m, 24h"))?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        other => return Err(format!("{s:?}: unknown unit {other:?}")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
+/// Durations as the server reads them (`500ms`, `15s`, `2m`, `24h`).
+pub use herald::config::parse_duration;
 
 fn main() {
     let cli = Cli::parse();
@@ -281,15 +264,6 @@ fn print_markdown(files: &[PathBuf]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
-        assert!(parse_duration("5 parsecs").is_err());
-    }
 
     #[test]
     fn cli_is_consistent() {

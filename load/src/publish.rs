@@ -19,7 +19,7 @@ use crate::proto::{new_histogram, Fanout};
 use crate::Kind;
 
 /// Herald's publish script, the one its nodes and `herald::Publisher` use.
-const PUBLISH_SCRIPT: &str = include_str!("../../src/broker/publish.lua");
+const PUBLISH_SCRIPT: &str = herald::broker::redis::PUBLISH_SCRIPT;
 
 pub enum Via {
     Http {

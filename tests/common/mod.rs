@@ -1239,7 +1239,7 @@ fn spawn_redis(port: u16, dir: &std::path::Path, appendonly: bool) -> Option<Chi
 }
 
 /// One RESP `PING` over plain TCP.
-fn redis_ping(port: u16) -> bool {
+pub(crate) fn redis_ping(port: u16) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
     else {

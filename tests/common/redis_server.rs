@@ -5,8 +5,6 @@
 //! (node up before Redis), and an AOF that is fsynced on every write, so a
 //! SIGKILL cannot lose an acknowledged stream entry.
 
-use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -101,7 +99,7 @@ impl RedisServer {
                 if child.try_wait().ok().flatten().is_some() {
                     break;
                 }
-                if ping(self.port) {
+                if super::redis_ping(self.port) {
                     self.child = Some(child);
                     return;
                 }
@@ -122,19 +120,4 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// One RESP `PING` over plain TCP.
-fn ping(port: u16) -> bool {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
-    else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    if stream.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() {
-        return false;
-    }
-    let mut reply = [0u8; 7];
-    stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
 }
