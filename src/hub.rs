@@ -325,6 +325,11 @@ impl Hub {
         self.state().mailboxes.len()
     }
 
+    /// Whether [`Hub::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.state().draining
+    }
+
     /// Starts draining: new connections are refused, and every open one
     /// ends its stream with a `retry:` (after what is already queued).
     pub fn drain(&self) {
@@ -358,11 +363,6 @@ impl Hub {
                 mailbox.sweep(now, heartbeat_ms);
             }
         }
-    }
-
-    /// Number of channels with local connections.
-    pub fn channel_count(&self) -> usize {
-        self.state().channels.len()
     }
 
     /// Fans out one validated frame to every local connection of its channel.
@@ -490,11 +490,6 @@ impl Subscription {
     /// The channels of this connection.
     pub fn channels(&self) -> &[Channel] {
         &self.channels
-    }
-
-    /// The hub it belongs to.
-    pub fn hub(&self) -> &Hub {
-        &self.hub
     }
 
     /// Waits until every channel's broker subscription is live.

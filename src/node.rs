@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,10 +108,8 @@ impl Node {
             }),
             cookie_name: Arc::from(config.cookie_name.as_str()),
             allow_query_token: config.allow_query_token,
-            max_payload: config.max_payload,
             publisher: Publisher::new(broker, config.max_payload),
             shutdown: CancellationToken::new(),
-            draining: Arc::new(AtomicBool::new(false)),
             prometheus,
             cors: crate::http::cors::Cors::new(&config.cors_origins),
         };
@@ -178,7 +175,7 @@ impl Node {
 
         shutdown.await;
         tracing::info!(connections = state.hub.connection_count(), "draining");
-        state.draining.store(true, Ordering::Relaxed);
+        // Readiness turns 503 here, before any stream is ended.
         state.hub.drain();
         state.shutdown.cancel();
         let _ = public_task.await;

@@ -8,11 +8,10 @@ mod common;
 use std::time::Duration;
 
 use common::proxy::Proxy;
-use common::redis_server::{free_port, RedisServer};
 use common::resp::Resp;
 use common::{
-    bearer, get, metric, payloads, publish, publish_ok, publisher_token, token, wait_until, Event,
-    Node, Redis, Sse, WAIT,
+    bearer, free_port, get, metric, payloads, publish, publish_ok, publisher_token, token,
+    wait_until, Event, Node, Redis, Sse, WAIT,
 };
 use hyper::StatusCode;
 use serde_json::json;
@@ -152,7 +151,7 @@ async fn killing_the_subscriber_connection_mid_traffic_loses_and_repeats_nothing
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_sigkill_and_restart_keeps_streams_open_and_resumes_delivery() {
-    let mut redis = RedisServer::start_durable();
+    let mut redis = Redis::start_durable();
     let url = redis.url();
     let node = Node::start(&["--redis-url", &url, "--heartbeat", "500ms"]);
     let mut alice = Sse::open(&node, &token("alice")).await;
@@ -258,7 +257,7 @@ async fn a_node_started_before_redis_becomes_ready_when_redis_appears() {
     );
     assert!(reply["error"].is_string(), "JSON error body: {reply}");
 
-    let _redis = RedisServer::start_on(port, &[]);
+    let _redis = Redis::start_on(port, &[]);
     let ready = wait_until(WAIT, || async { readyz(&node).await == StatusCode::OK }).await;
     assert!(
         ready,

@@ -7,7 +7,6 @@ pub mod cors;
 mod events;
 mod publish;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::http::{header, HeaderValue, StatusCode};
@@ -38,14 +37,10 @@ pub struct AppState {
     pub cookie_name: Arc<str>,
     /// Whether `?access_token=` is accepted.
     pub allow_query_token: bool,
-    /// Largest accepted message data.
-    pub max_payload: usize,
     /// Validates and publishes for `/publish`.
     pub publisher: crate::publisher::Publisher,
     /// Cancelled when the node starts draining; every stream ends on it.
     pub shutdown: CancellationToken,
-    /// True while draining (readiness turns 503 before the token fires).
-    pub draining: Arc<AtomicBool>,
     /// Renders `/metrics`.
     pub prometheus: PrometheusHandle,
     /// Allowed CORS origins.
@@ -55,7 +50,7 @@ pub struct AppState {
 impl AppState {
     /// Whether the node should receive traffic.
     pub fn is_ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed) && self.hub.broker().is_connected()
+        !self.hub.is_draining() && self.hub.broker().is_connected()
     }
 }
 

@@ -47,7 +47,12 @@ pub(super) async fn publish(
     let claims = state.verifier.verify(token)?;
 
     // A batch may hold many messages; the body as a whole is bounded too.
-    let limit = state.max_payload.saturating_mul(16).max(64 * 1024);
+    let limit = state
+        .hub
+        .config()
+        .max_payload
+        .saturating_mul(16)
+        .max(64 * 1024);
     let bytes = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {

@@ -12,7 +12,6 @@
 #![allow(dead_code)]
 
 pub(crate) mod proxy;
-pub(crate) mod redis_server;
 pub(crate) mod resp;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -1128,48 +1127,78 @@ impl Sse {
 // Redis
 // ---------------------------------------------------------------------------
 
-/// A throwaway `redis-server` on a free port with its own data directory.
-/// Dropping it kills that process (by PID).
+/// A port nothing listens on right now (the OS picked it; it may be taken
+/// again before it is used, which the tests accept as very unlikely).
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("find a free port")
+        .port()
+}
+
+/// A throwaway `redis-server` with its own data directory. Dropping it
+/// kills that process (by PID).
 pub(crate) struct Redis {
     child: Option<Child>,
     port: u16,
-    appendonly: bool,
+    /// Extra redis-server options, kept for `restart`.
+    args: Vec<String>,
     dir: tempfile::TempDir,
 }
 
 impl Redis {
     /// No persistence at all.
     pub(crate) fn start() -> Redis {
-        Redis::launch(false)
+        Redis::launch(&[])
     }
 
     /// `appendonly yes`, so `restart` keeps the data (history survives).
     pub(crate) fn start_persistent() -> Redis {
-        Redis::launch(true)
+        Redis::launch(&["--appendonly", "yes"])
     }
 
-    fn launch(appendonly: bool) -> Redis {
-        let dir = tempfile::tempdir().expect("redis data dir");
+    /// Every command in an AOF fsynced before the reply
+    /// (`--appendonly yes --appendfsync always`): a SIGKILL cannot lose an
+    /// acknowledged stream entry.
+    pub(crate) fn start_durable() -> Redis {
+        Redis::launch(&["--appendonly", "yes", "--appendfsync", "always"])
+    }
+
+    /// Redis on a port the test chose (e.g. one a node already points at).
+    pub(crate) fn start_on(port: u16, args: &[&str]) -> Redis {
+        let mut redis = Redis::new(port, args);
+        redis.restart();
+        redis
+    }
+
+    fn new(port: u16, args: &[&str]) -> Redis {
+        Redis {
+            child: None,
+            port,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            dir: tempfile::tempdir().expect("redis data dir"),
+        }
+    }
+
+    fn launch(args: &[&str]) -> Redis {
         // redis-server has no port 0: take a free port from the OS and race
         // for it; on a lost race try another.
+        let mut redis = Redis::new(0, args);
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("find a free port")
-                .port();
-            if let Some(child) = spawn_redis(port, dir.path(), appendonly) {
-                return Redis {
-                    child: Some(child),
-                    port,
-                    appendonly,
-                    dir,
-                };
+            redis.port = free_port();
+            redis.child = spawn_redis(redis.port, redis.dir.path(), &redis.args);
+            if redis.child.is_some() {
+                return redis;
             }
         }
         panic!(
             "redis-server did not start; log:\n{}",
-            std::fs::read_to_string(dir.path().join("redis.log")).unwrap_or_default()
+            std::fs::read_to_string(redis.dir.path().join("redis.log")).unwrap_or_default()
         );
+    }
+
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     pub(crate) fn url(&self) -> String {
@@ -1193,7 +1222,7 @@ impl Redis {
         self.kill();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::time::Instant::now() < deadline {
-            if let Some(child) = spawn_redis(self.port, self.dir.path(), self.appendonly) {
+            if let Some(child) = spawn_redis(self.port, self.dir.path(), &self.args) {
                 self.child = Some(child);
                 return;
             }
@@ -1210,11 +1239,11 @@ impl Drop for Redis {
 
 /// Starts redis-server and waits until it answers PING; `None` if it exits
 /// (port taken) or stays silent.
-fn spawn_redis(port: u16, dir: &std::path::Path, appendonly: bool) -> Option<Child> {
+fn spawn_redis(port: u16, dir: &std::path::Path, args: &[String]) -> Option<Child> {
     let mut child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", ""])
-        .args(["--appendonly", if appendonly { "yes" } else { "no" }])
+        .args(args)
         .arg("--dir")
         .arg(dir)
         .args(["--logfile", "redis.log"])
