@@ -132,8 +132,10 @@ pub struct ServeConfig {
     /// Graceful shutdown budget.
     #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
-    /// Worker threads (0: one per CPU). Several nodes sharing a machine run
-    /// best with fewer each: fewer threads waking each other for little work.
+    /// Worker threads (0: one per CPU; 1: everything on one thread, with
+    /// tokio's single-threaded scheduler). Several nodes sharing a machine
+    /// run best with fewer each: fewer threads waking each other for little
+    /// work.
     #[arg(long, env = "HERALD_WORKERS", default_value_t = 0)]
     pub workers: usize,
 }

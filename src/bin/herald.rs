@@ -15,11 +15,17 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Serve(config) = &cli.command {
-        if config.workers > 0 {
-            builder.worker_threads(config.workers);
-        }
+    let workers = match &cli.command {
+        Command::Serve(config) => config.workers,
+        _ => 0,
+    };
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if workers > 1 {
+        builder.worker_threads(workers);
     }
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
