@@ -5,7 +5,9 @@
 //! `alg: none` and HS/RS confusion are rejected before any signature check.
 //! Tokens are never logged.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::{header, HeaderMap};
@@ -87,10 +89,25 @@ pub enum KeyError {
     EmptySecret,
 }
 
+/// Most tokens remembered as verified.
+const VERIFIED_CAPACITY: usize = 1024;
+/// Longest token remembered (longer ones are verified every time).
+const VERIFIED_MAX_TOKEN: usize = 4096;
+
 /// Verifies tokens with the configured key.
+///
+/// A token that verified is remembered by its exact text, so an app service
+/// that publishes thousands of times with one token, or a browser that
+/// reconnects, pays for the signature check once. Only the expiry depends
+/// on the time, and it is checked again on every use; everything else a
+/// verification looks at (signature, algorithm, `iss`, `aud`, `sub`, an
+/// `nbf` already passed) is fixed by the text. Failures are never
+/// remembered, so only validly signed tokens take room; when the cache is
+/// full it starts over.
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    verified: Mutex<HashMap<Box<str>, Arc<Claims>>>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -137,11 +154,49 @@ impl Verifier {
         }
         // A configured iss/aud must be present, not merely right when present.
         validation.set_required_spec_claims(&required);
-        Ok(Verifier { key, validation })
+        Ok(Verifier {
+            key,
+            validation,
+            verified: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Verifies a token and checks its `sub`.
-    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
+        self.verify_at(token, unix_now())
+    }
+
+    /// [`Verifier::verify`] with the time a remembered token's expiry is
+    /// checked against (seconds since the epoch).
+    fn verify_at(&self, token: &str, now: u64) -> Result<Arc<Claims>, AuthError> {
+        let remembered = self.remembered().get(token).cloned();
+        if let Some(claims) = remembered {
+            // As jsonwebtoken does: expired once `exp` is over `leeway` ago.
+            if claims.exp.saturating_add(self.validation.leeway) < now {
+                return Err(AuthError::Expired);
+            }
+            return Ok(claims);
+        }
+        let claims = Arc::new(self.verify_signed(token)?);
+        if token.len() <= VERIFIED_MAX_TOKEN {
+            let mut verified = self.remembered();
+            if verified.len() >= VERIFIED_CAPACITY {
+                verified.clear();
+            }
+            verified.insert(token.into(), claims.clone());
+        }
+        Ok(claims)
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<Claims>>> {
+        // The map is valid whatever a panicking holder left behind.
+        self.verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The full check: signature, algorithm, registered claims, `sub`.
+    fn verify_signed(&self, token: &str) -> Result<Claims, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
@@ -236,6 +291,14 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Seconds since the epoch (0 for a clock before it).
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Mints an HS256 token (for `herald token`, the demo token and tests).
 pub fn mint(
     secret: &str,
@@ -244,10 +307,7 @@ pub fn mint(
     publish: Vec<String>,
     ttl: Duration,
 ) -> Result<String, jsonwebtoken::errors::Error> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = unix_now();
     let claims = Claims {
         sub: sub.to_owned(),
         exp: now + ttl.as_secs().max(1),
@@ -302,6 +362,62 @@ mod tests {
         );
         assert!(verifier.verify("not.a.token").is_err());
         assert!(verifier.verify("").is_err());
+    }
+
+    #[test]
+    fn remembered_tokens_still_expire_and_others_still_fail() {
+        let verifier = Verifier::new(&keys("s3cret"), None).expect("key");
+        let token = mint("s3cret", "alice", vec![], vec![], Duration::from_secs(60)).expect("mint");
+        let first = verifier.verify(&token).expect("valid");
+        let again = verifier.verify(&token).expect("remembered");
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the second check is served from memory"
+        );
+        // The remembered token's expiry is checked against the clock.
+        assert_eq!(
+            verifier.verify_at(&token, first.exp + 1),
+            Err(AuthError::Expired)
+        );
+        // A token differing in its signature alone is checked in full.
+        let (body, signature) = token.rsplit_once('.').expect("three parts");
+        let flipped = if signature.starts_with('A') { 'B' } else { 'A' };
+        let forged = format!("{body}.{flipped}{}", &signature[1..]);
+        assert_eq!(
+            verifier.verify(&forged),
+            Err(AuthError::Invalid("bad signature"))
+        );
+    }
+
+    #[test]
+    fn the_memory_of_verified_tokens_is_bounded() {
+        let verifier = Verifier::new(&keys("s3cret"), None).expect("key");
+        for i in 0..VERIFIED_CAPACITY + 10 {
+            let token = mint(
+                "s3cret",
+                &format!("u{i}"),
+                vec![],
+                vec![],
+                Duration::from_secs(60),
+            )
+            .expect("mint");
+            verifier.verify(&token).expect("valid");
+        }
+        assert!(verifier.remembered().len() <= VERIFIED_CAPACITY);
+        let long = mint(
+            "s3cret",
+            &"x".repeat(MAX_SUB_LEN),
+            vec!["t".repeat(4096)],
+            vec![],
+            Duration::from_secs(60),
+        )
+        .expect("mint");
+        verifier.remembered().clear();
+        verifier.verify(&long).expect("valid");
+        assert!(
+            verifier.remembered().is_empty(),
+            "tokens over {VERIFIED_MAX_TOKEN} bytes are not kept"
+        );
     }
 
     #[test]
