@@ -13,6 +13,7 @@
 //!   decoders (the client side of the contract, tested on edge cases).
 //! - `account` — per-client lost / duplicated / out-of-order bookkeeping.
 //! - `publish` — the paced publisher (HTTP API or Redis publish script).
+//! - `relay` — the floor probe: a bare HTTP → publish-script relay.
 //! - `net` — targets, the minimal HTTP client, token minting.
 //! - `procfs` — RSS and CPU time from `/proc`.
 //! - `proto` — what the coordinator and workers say to each other.
@@ -24,6 +25,7 @@ mod net;
 mod procfs;
 mod proto;
 mod publish;
+mod relay;
 mod report;
 mod run;
 mod wire;
@@ -72,6 +74,9 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// The floor of an HTTP publish hop: a bare relay from HTTP requests to
+    /// Herald's publish script (no auth, no validation), for `load/compare`.
+    Relay(relay::RelayArgs),
     /// Internal: run as a worker process (the plan comes on stdin).
     #[command(hide = true)]
     Worker,
@@ -229,6 +234,7 @@ fn main() {
     let scenario = match cli.command {
         Command::Worker => exit_on_error(worker::run()),
         Command::Markdown { files } => exit_on_error(print_markdown(&files)),
+        Command::Relay(a) => exit_on_error(relay::run(a)),
         Command::Idle(a) => (run::Scenario::Idle, a),
         Command::Broadcast(a) => (run::Scenario::Broadcast, a),
         Command::Unicast(a) => (run::Scenario::Unicast, a),
