@@ -1,9 +1,11 @@
-//! Listeners and the per-connection task, with a lean path for `/events`.
+//! Listeners and the per-connection task, with lean paths for `/events` and
+//! `/publish`.
 //!
 //! Every connection starts here: we read the request head ourselves (with
 //! `httparse`, into a small buffer, under a timeout). A `GET /events` is then
-//! served by the lean streaming path below; anything else is handed, with the
-//! bytes already read, to hyper and the axum router.
+//! served by the lean streaming path below, a plain `POST /publish` by the
+//! lean publish loop; anything else is handed, with the bytes already read,
+//! to hyper and the axum router.
 //!
 //! Why a lean path: idle SSE connections are nearly all of a node's
 //! connections, and under hyper each keeps two 8 KiB buffers for its whole
@@ -15,6 +17,15 @@
 //! policy, the error bodies); only the framing differs: the response is
 //! delimited by closing the connection (valid HTTP/1.1, and how every SSE
 //! stream ends anyway), so no chunked encoding is needed.
+//!
+//! Why a lean publish path: an app service's publish is a small request on a
+//! keep-alive connection, and under hyper and the router each one cost more
+//! instructions in framework layers (header maps, boxed futures, body
+//! channels) than in the publish itself. Here a request is parsed in place
+//! and answered with one write; it runs the same code as the axum route
+//! ([`publish_body`], the token check, the CORS policy, the error bodies).
+//! Anything unusual (chunked bodies, `Expect`, HTTP/1.0, a bad
+//! `Content-Length`) goes to hyper, which handles it as before.
 //!
 //! Why our own loop at all: a slow client's connection must be closable from
 //! outside. When its socket buffer is full, a writer is parked on a write and
@@ -39,7 +50,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::http::{open_session, sse_headers, ApiError, AppState};
+use crate::auth::{bearer_token, AuthError};
+use crate::http::{
+    body_limit, open_session, publish_body, sse_headers, too_large, ApiError, AppState,
+};
 use crate::session::Session;
 
 /// Closes one TCP connection when cancelled; handed to handlers through the
@@ -107,21 +121,46 @@ async fn open(
         serve_hyper(stream, Bytes::new(), router, stop).await;
         return None;
     };
-    let read = tokio::select! {
-        _ = stop.cancelled() => return None,
-        read = tokio::time::timeout(HEADER_READ_TIMEOUT, read_head(stream)) => read,
-    };
-    let (mut stream, headers, query) = match read {
-        Ok(Ok(Head::Events {
-            stream,
-            headers,
-            query,
-        })) => (stream, headers, query),
-        Ok(Ok(Head::Other { stream, read })) => {
-            serve_hyper(stream, read, router, stop).await;
-            return None;
+    let mut stream = stream;
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut first = true;
+    let (mut stream, headers, query) = loop {
+        if !first && buf.is_empty() {
+            // An idle keep-alive connection waits for its next request as
+            // long as the client likes, but not past a drain.
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                ready = stream.readable() => ready.ok()?,
+            }
         }
-        Ok(Err(_)) | Err(_) => return None,
+        first = false;
+        let read = tokio::select! {
+            _ = stop.cancelled() => return None,
+            read = tokio::time::timeout(HEADER_READ_TIMEOUT, read_head(stream, buf)) => read,
+        };
+        match read {
+            Ok(Ok(Head::Events {
+                stream,
+                headers,
+                query,
+            })) => break (stream, headers, query),
+            Ok(Ok(Head::Publish {
+                stream: mut conn,
+                buf: mut rest,
+                head,
+            })) => {
+                if !publish_one(&mut conn, &mut rest, head, &state, &stop).await {
+                    return None;
+                }
+                stream = conn;
+                buf = rest;
+            }
+            Ok(Ok(Head::Other { stream, read })) => {
+                serve_hyper(stream, read, router, stop).await;
+                return None;
+            }
+            Ok(Err(_)) | Err(_) => return None,
+        }
     };
     let session = match open_session(&state, &headers, query.as_deref(), None).await {
         Ok(session) => session,
@@ -132,6 +171,7 @@ async fn open(
         }
     };
     let mut head = String::from("HTTP/1.1 200 OK\r\nconnection: close\r\n");
+    push_date(&mut head);
     let mut extra = HeaderMap::new();
     for (name, value) in sse_headers() {
         extra.insert(name, value);
@@ -141,6 +181,72 @@ async fn open(
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).await.ok()?;
     Some((stream, session))
+}
+
+/// Serves one `POST /publish` whose head is at the start of `buf`: the
+/// token, then the body, then [`publish_body`], as the axum route does.
+/// Leaves any pipelined bytes in `buf`. Returns whether the connection
+/// stays open for another request.
+async fn publish_one(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    head: PublishHead,
+    state: &AppState,
+    stop: &CancellationToken,
+) -> bool {
+    let claims = match bearer_token(&head.headers)
+        .ok_or(AuthError::Missing)
+        .and_then(|token| state.verifier.verify(token))
+    {
+        Ok(claims) => claims,
+        Err(error) => {
+            let _ = write_error(stream, state, &head.headers, error.into()).await;
+            return false;
+        }
+    };
+    let limit = body_limit(state);
+    if head.body_len > limit {
+        let _ = write_error(stream, state, &head.headers, too_large(limit)).await;
+        return false;
+    }
+    let end = head.head_len + head.body_len;
+    while buf.len() < end {
+        buf.reserve(end - buf.len());
+        match tokio::time::timeout(HEADER_READ_TIMEOUT, stream.read_buf(buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return false,
+        }
+    }
+    let reply = match publish_body(state, &claims, &buf[head.head_len..end]).await {
+        Ok(reply) => reply,
+        Err(error) => {
+            let _ = write_error(stream, state, &head.headers, error).await;
+            return false;
+        }
+    };
+    buf.advance(end);
+    let close = head.close || stop.is_cancelled();
+    let mut out = String::with_capacity(192 + reply.len());
+    out.push_str("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ");
+    out.push_str(itoa::Buffer::new().format(reply.len()));
+    out.push_str("\r\n");
+    if close {
+        out.push_str("connection: close\r\n");
+    }
+    push_date(&mut out);
+    let mut extra = HeaderMap::new();
+    state.cors.apply(&head.headers, &mut extra);
+    push_headers(&mut out, &extra);
+    out.push_str("\r\n");
+    out.push_str(&reply);
+    if stream.write_all(out.as_bytes()).await.is_err() {
+        return false;
+    }
+    if close {
+        let _ = stream.shutdown().await;
+        return false;
+    }
+    true
 }
 
 /// The lean `/events` stream: write each chunk as it comes, until the
@@ -180,51 +286,118 @@ enum Head {
         headers: HeaderMap,
         query: Option<String>,
     },
+    /// A plain `POST /publish`: served by the lean publish loop. `buf`
+    /// starts with the head.
+    Publish {
+        stream: TcpStream,
+        buf: BytesMut,
+        head: PublishHead,
+    },
     /// Anything else, with the bytes read so far, for hyper.
     Other { stream: TcpStream, read: Bytes },
 }
 
-/// Reads until the request head is complete (or clearly not ours).
-async fn read_head(mut stream: TcpStream) -> io::Result<Head> {
-    let mut buf = BytesMut::with_capacity(1024);
+/// A `POST /publish` head the lean loop can serve.
+struct PublishHead {
+    headers: HeaderMap,
+    /// Bytes of the head in the buffer.
+    head_len: usize,
+    /// `Content-Length` (0 when absent).
+    body_len: usize,
+    /// `Connection: close`: answer, then close.
+    close: bool,
+}
+
+/// Reads until the request head in `buf` (which may already hold some or
+/// all of it) is complete, or clearly not ours.
+async fn read_head(mut stream: TcpStream, mut buf: BytesMut) -> io::Result<Head> {
     loop {
-        if stream.read_buf(&mut buf).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut parsed);
-        match request.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => {
-                let path = request.path.unwrap_or("");
-                let (route, query) = path.split_once('?').unwrap_or((path, ""));
-                if request.method == Some("GET") && route == "/events" {
-                    let mut headers = HeaderMap::with_capacity(request.headers.len());
-                    for h in request.headers.iter() {
-                        if let (Ok(name), Ok(value)) = (
-                            HeaderName::from_bytes(h.name.as_bytes()),
-                            HeaderValue::from_bytes(h.value),
-                        ) {
-                            headers.append(name, value);
+        if !buf.is_empty() {
+            let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut request = httparse::Request::new(&mut parsed);
+            match request.parse(&buf) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    let path = request.path.unwrap_or("");
+                    let (route, query) = path.split_once('?').unwrap_or((path, ""));
+                    if request.method == Some("GET") && route == "/events" {
+                        let headers = header_map(request.headers);
+                        let query = (!query.is_empty()).then(|| query.to_owned());
+                        return Ok(Head::Events {
+                            stream,
+                            headers,
+                            query,
+                        });
+                    }
+                    if request.method == Some("POST") && route == "/publish" {
+                        if let Some(head) = publish_head(&request, head_len) {
+                            return Ok(Head::Publish { stream, buf, head });
                         }
                     }
-                    let query = (!query.is_empty()).then(|| query.to_owned());
-                    return Ok(Head::Events {
-                        stream,
-                        headers,
-                        query,
-                    });
+                    break;
                 }
-                break;
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+                // Too large, too many headers or malformed: hyper answers.
+                _ => break,
             }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
-            // Too large, too many headers or malformed: hyper answers.
-            _ => break,
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }
     Ok(Head::Other {
         stream,
         read: buf.freeze(),
     })
+}
+
+/// The lean loop serves HTTP/1.1 requests with at most one valid
+/// `Content-Length` and no `Transfer-Encoding` or `Expect`; `None` leaves
+/// the rest (and their errors) to hyper.
+fn publish_head(request: &httparse::Request<'_, '_>, head_len: usize) -> Option<PublishHead> {
+    if request.version != Some(1) {
+        return None;
+    }
+    let mut body_len = None;
+    let mut close = false;
+    for h in request.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") || h.name.eq_ignore_ascii_case("expect")
+        {
+            return None;
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let value = std::str::from_utf8(h.value).ok()?.trim();
+            if body_len.is_some() || value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit())
+            {
+                return None;
+            }
+            body_len = Some(value.parse().ok()?);
+        }
+        if h.name.eq_ignore_ascii_case("connection") {
+            close |= h
+                .value
+                .split(|b| *b == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+    }
+    Some(PublishHead {
+        headers: header_map(request.headers),
+        head_len,
+        body_len: body_len.unwrap_or(0),
+        close,
+    })
+}
+
+fn header_map(parsed: &[httparse::Header<'_>]) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(parsed.len());
+    for h in parsed {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    headers
 }
 
 /// Writes an API error as a complete response and closes.
@@ -247,12 +420,20 @@ async fn write_error(
         status.canonical_reason().unwrap_or(""),
         body.len()
     );
+    push_date(&mut head);
     headers.remove(axum::http::header::CONTENT_LENGTH);
     push_headers(&mut head, &headers);
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(&body).await?;
     stream.shutdown().await
+}
+
+/// A `date:` header line, as hyper writes on every response.
+fn push_date(out: &mut String) {
+    out.push_str("date: ");
+    out.push_str(&httpdate::fmt_http_date(std::time::SystemTime::now()));
+    out.push_str("\r\n");
 }
 
 fn push_headers(out: &mut String, headers: &HeaderMap) {

@@ -225,7 +225,10 @@ mod tests {
 
     #[test]
     fn bulk_replies_parse_only_when_complete() {
-        assert_eq!(parse_bulk(b"$15\r\n1795324261099-0").expect("incomplete is not an error"), None);
+        assert_eq!(
+            parse_bulk(b"$15\r\n1795324261099-0").expect("incomplete is not an error"),
+            None
+        );
         assert_eq!(
             parse_bulk(b"$15\r\n1795324261099-0\r\n")
                 .expect("complete")

@@ -23,6 +23,7 @@ use crate::session::{SessionConfig, StartError};
 
 pub use admin::admin_router;
 pub(crate) use events::{open_session, sse_headers};
+pub(crate) use publish::{body_limit, publish_body, too_large};
 
 /// Everything a handler needs; cheap to clone.
 #[derive(Clone)]

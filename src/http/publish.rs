@@ -5,16 +5,15 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::{ApiError, AppState};
-use crate::auth::{bearer_token, AuthError};
+use crate::auth::{bearer_token, AuthError, Claims};
 use crate::publisher::{Message, PublishError};
 
 /// Most messages in one batch.
@@ -45,24 +44,51 @@ pub(super) async fn publish(
 ) -> Result<Response, ApiError> {
     let token = bearer_token(&headers).ok_or(AuthError::Missing)?;
     let claims = state.verifier.verify(token)?;
+    let limit = body_limit(&state);
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(too_large(limit));
+        }
+        Err(e) => return Err(ApiError::BadRequest(format!("could not read body: {e}"))),
+    };
+    let reply = publish_body(&state, &claims, &bytes).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        reply,
+    )
+        .into_response())
+}
 
-    // A batch may hold many messages; the body as a whole is bounded too.
-    let limit = state
+/// Largest request body: a batch may hold many messages, so the body as a
+/// whole is bounded at 16 payloads (at least 64 KiB).
+pub(crate) fn body_limit(state: &AppState) -> usize {
+    state
         .hub
         .config()
         .max_payload
         .saturating_mul(16)
-        .max(64 * 1024);
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Err(ApiError::TooLarge(format!(
-                "request body over {limit} bytes"
-            )))
-        }
-        Err(e) => return Err(ApiError::BadRequest(format!("could not read body: {e}"))),
-    };
-    let request: Request = serde_json::from_slice(&bytes)
+        .max(64 * 1024)
+}
+
+/// The 413 for a body over [`body_limit`].
+pub(crate) fn too_large(limit: usize) -> ApiError {
+    ApiError::TooLarge(format!("request body over {limit} bytes"))
+}
+
+/// Publishes what a request body asks for, on behalf of a verified token:
+/// checks every message (shape, channel, size, the token's `publish`
+/// patterns) before publishing any, and returns the JSON reply body. The
+/// axum route and the lean path in [`crate::server`] both come here.
+pub(crate) async fn publish_body(
+    state: &AppState,
+    claims: &Claims,
+    body: &[u8],
+) -> Result<String, ApiError> {
+    let request: Request = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
     let (messages, batch) = match request {
         Request {
@@ -118,5 +144,5 @@ pub(super) async fn publish(
     } else {
         json!({ "id": ids[0] })
     };
-    Ok(Json(reply).into_response())
+    Ok(reply.to_string())
 }
