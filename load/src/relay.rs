@@ -56,6 +56,11 @@ struct Shared {
 }
 
 async fn serve(args: RelayArgs) -> anyhow::Result<()> {
+    // It answers anyone without a token: never beyond this machine.
+    anyhow::ensure!(
+        args.listen.ip().is_loopback(),
+        "the relay listens on loopback addresses only"
+    );
     let client = redis::Client::open(args.redis_url.as_str()).context("redis URL")?;
     let info = client.get_connection_info();
     let redis = match info.addr() {
