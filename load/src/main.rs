@@ -13,7 +13,8 @@
 //!   decoders (the client side of the contract, tested on edge cases).
 //! - `account` — per-client lost / duplicated / out-of-order bookkeeping.
 //! - `publish` — the paced publisher (HTTP API or Redis publish script).
-//! - `relay` — the floor probe: a bare HTTP → publish-script relay.
+//! - `relay`, `deliver` — the floor probes: a bare HTTP → publish-script
+//!   relay, and a bare pub/sub → SSE writer.
 //! - `net` — targets, the minimal HTTP client, token minting.
 //! - `procfs` — RSS and CPU time from `/proc`.
 //! - `proto` — what the coordinator and workers say to each other.
@@ -21,6 +22,7 @@
 
 mod account;
 mod chart;
+mod deliver;
 mod net;
 mod procfs;
 mod proto;
@@ -77,6 +79,9 @@ enum Command {
     /// The floor of an HTTP publish hop: a bare relay from HTTP requests to
     /// Herald's publish script (no auth, no validation), for `load/compare`.
     Relay(relay::RelayArgs),
+    /// The floor of a delivery hop: holds `/events` clients and writes each
+    /// message from Redis pub/sub, nothing else, for `load/compare`.
+    Deliver(deliver::DeliverArgs),
     /// Internal: run as a worker process (the plan comes on stdin).
     #[command(hide = true)]
     Worker,
@@ -235,6 +240,7 @@ fn main() {
         Command::Worker => exit_on_error(worker::run()),
         Command::Markdown { files } => exit_on_error(print_markdown(&files)),
         Command::Relay(a) => exit_on_error(relay::run(a)),
+        Command::Deliver(a) => exit_on_error(deliver::run(a)),
         Command::Idle(a) => (run::Scenario::Idle, a),
         Command::Broadcast(a) => (run::Scenario::Broadcast, a),
         Command::Unicast(a) => (run::Scenario::Unicast, a),

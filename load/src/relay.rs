@@ -7,7 +7,8 @@
 //! thread, one Redis connection per client connection, hand-written RESP —
 //! so its CPU per publish is the least any node can spend on that hop on
 //! this machine. `load/compare` runs it in place of the nodes' publish API to
-//! show how far Herald is from that floor.
+//! show how far Herald is from that floor; [`crate::deliver`] is the same
+//! for the delivering side.
 //!
 //! It is a measuring instrument, not a server: it trusts its input, answers
 //! every request with the id Redis returned, and closes a connection on
@@ -61,15 +62,8 @@ async fn serve(args: RelayArgs) -> anyhow::Result<()> {
         args.listen.ip().is_loopback(),
         "the relay listens on loopback addresses only"
     );
+    let redis = redis_addr(&args.redis_url).await?;
     let client = redis::Client::open(args.redis_url.as_str()).context("redis URL")?;
-    let info = client.get_connection_info();
-    let redis = match info.addr() {
-        redis::ConnectionAddr::Tcp(host, port) => tokio::net::lookup_host((host.as_str(), *port))
-            .await?
-            .next()
-            .context("redis address")?,
-        _ => anyhow::bail!("the relay speaks plain TCP to Redis only"),
-    };
     let mut conn = client.get_multiplexed_async_connection().await?;
     let sha: String = redis::cmd("SCRIPT")
         .arg("LOAD")
@@ -185,7 +179,19 @@ async fn connection(mut client: TcpStream, shared: &Shared) -> anyhow::Result<()
     }
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<usize> {
+/// The TCP address of a `redis://` URL.
+pub(crate) async fn redis_addr(url: &str) -> anyhow::Result<SocketAddr> {
+    let client = redis::Client::open(url).context("redis URL")?;
+    match client.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, port) => tokio::net::lookup_host((host.as_str(), *port))
+            .await?
+            .next()
+            .context("redis address"),
+        _ => anyhow::bail!("plain TCP to Redis only"),
+    }
+}
+
+pub(crate) async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<usize> {
     if buf.len() > 1 << 20 {
         anyhow::bail!("request too large");
     }
