@@ -63,6 +63,8 @@ pub struct ConnectionKill(pub CancellationToken);
 
 /// How long a client may take to send its request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a publish body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest request head we read; larger ones go to hyper, which answers 431.
 const MAX_HEAD: usize = 16 * 1024;
 /// Most request headers parsed on the lean path.
@@ -209,10 +211,12 @@ async fn publish_one(
         let _ = write_error(stream, state, &head.headers, too_large(limit)).await;
         return false;
     }
+    // The whole body within one deadline, however it trickles in.
     let end = head.head_len + head.body_len;
+    let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
     while buf.len() < end {
         buf.reserve(end - buf.len());
-        match tokio::time::timeout(HEADER_READ_TIMEOUT, stream.read_buf(buf)).await {
+        match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => return false,
         }
