@@ -114,7 +114,7 @@ pub async fn serve(
 /// hyper; open the session and write the response head. Returns what the
 /// streaming phase needs, or `None` when the connection is done.
 async fn open(
-    stream: TcpStream,
+    mut stream: TcpStream,
     router: Router,
     lean: Option<AppState>,
     stop: CancellationToken,
@@ -123,19 +123,8 @@ async fn open(
         serve_hyper(stream, Bytes::new(), router, stop).await;
         return None;
     };
-    let mut stream = stream;
     let mut buf = BytesMut::with_capacity(1024);
-    let mut first = true;
     let (mut stream, headers, query) = loop {
-        if !first && buf.is_empty() {
-            // An idle keep-alive connection waits for its next request as
-            // long as the client likes, but not past a drain.
-            tokio::select! {
-                _ = stop.cancelled() => return None,
-                ready = stream.readable() => ready.ok()?,
-            }
-        }
-        first = false;
         let read = tokio::select! {
             _ = stop.cancelled() => return None,
             read = tokio::time::timeout(HEADER_READ_TIMEOUT, read_head(stream, buf)) => read,
@@ -153,6 +142,15 @@ async fn open(
             })) => {
                 if !publish_one(&mut conn, &mut rest, head, &state, &stop).await {
                     return None;
+                }
+                if rest.is_empty() {
+                    // An idle keep-alive connection waits for its next
+                    // request as long as the client likes, but not past a
+                    // drain; the head timeout starts with its first byte.
+                    tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        ready = conn.readable() => ready.ok()?,
+                    }
                 }
                 stream = conn;
                 buf = rest;
@@ -433,11 +431,25 @@ async fn write_error(
     stream.shutdown().await
 }
 
-/// A `date:` header line, as hyper writes on every response.
+/// A `date:` header line, as hyper writes on every response. The text
+/// changes once a second, so each thread formats it once a second.
 fn push_date(out: &mut String) {
-    out.push_str("date: ");
-    out.push_str(&httpdate::fmt_http_date(std::time::SystemTime::now()));
-    out.push_str("\r\n");
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let second = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(cached, text)| {
+        if *cached != second {
+            *cached = second;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.push_str("date: ");
+        out.push_str(text);
+        out.push_str("\r\n");
+    });
 }
 
 fn push_headers(out: &mut String, headers: &HeaderMap) {

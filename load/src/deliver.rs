@@ -141,7 +141,9 @@ async fn connection(
             .or_default()
             .push(confirmed);
     }
-    commands.send(resp_command(&[b"SUBSCRIBE", &channel]))?;
+    let mut subscribe = Vec::new();
+    crate::relay::write_command(&mut subscribe, &[b"SUBSCRIBE", &channel]);
+    commands.send(subscribe)?;
     wait.await.context("the pub/sub connection ended")?;
     client
         .write_all(
@@ -221,16 +223,6 @@ fn sse_frame(envelope: &[u8]) -> Option<Bytes> {
     frame.extend_from_slice(envelope.data.get().as_bytes());
     frame.extend_from_slice(b"\n\n");
     Some(frame.into())
-}
-
-fn resp_command(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
 }
 
 /// One complete RESP array of bulk strings and integers at the start of

@@ -157,12 +157,7 @@ async fn connection(mut client: TcpStream, shared: &Shared) -> anyhow::Result<()
             shared.size.as_bytes(),
             shared.ttl.as_bytes(),
         ];
-        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-        for a in args {
-            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            out.extend_from_slice(a);
-            out.extend_from_slice(b"\r\n");
-        }
+        write_command(&mut out, &args);
         redis.write_all(&out).await?;
         buf.drain(..head_len + body_len);
         let id = read_bulk(&mut redis, &mut reply).await?;
@@ -176,6 +171,16 @@ async fn connection(mut client: TcpStream, shared: &Shared) -> anyhow::Result<()
             .as_bytes(),
         );
         client.write_all(&out).await?;
+    }
+}
+
+/// Appends a RESP command (an array of bulk strings) to `out`.
+pub(crate) fn write_command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
     }
 }
 
