@@ -1127,13 +1127,27 @@ impl Sse {
 // Redis
 // ---------------------------------------------------------------------------
 
-/// A port nothing listens on right now (the OS picked it; it may be taken
-/// again before it is used, which the tests accept as very unlikely).
+/// A port nothing listens on right now, for a server a test starts later
+/// (and may restart on the same port).
+///
+/// Chosen at random below the kernel's ephemeral range: the OS hands ports
+/// in that range to outgoing connections, and the tests open thousands of
+/// them in parallel, so a port the OS picked with `bind(0)` could be taken by
+/// a client socket before the server binds it (seen: a cluster node failing
+/// with "Address already in use").
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("find a free port")
-        .port()
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|low| *low > 11_000)
+        .unwrap_or(32_768);
+    for _ in 0..1000 {
+        let port = rand::random_range(10_000..low);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 10000..{low}")
 }
 
 /// A throwaway `redis-server` with its own data directory. Dropping it

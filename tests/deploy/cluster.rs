@@ -19,7 +19,7 @@ use hyper::StatusCode;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::common::{self, get, Redis, SECRET};
+use crate::common::{self, free_port, get, Redis, SECRET};
 
 /// How long a node, nginx or Prometheus may take to become ready.
 pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,14 +27,6 @@ pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The repository root.
 pub(crate) fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A port nothing listens on right now (the OS picks it).
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("find a free port")
-        .port()
 }
 
 /// Whether something accepts connections on 127.0.0.1:`port`.
