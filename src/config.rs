@@ -117,6 +117,10 @@ pub struct ServeConfig {
     /// Connections per node; beyond it new ones get 503.
     #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+    /// Connections on a listener that are not event streams (reading a
+    /// request, being answered, idle in keep-alive); beyond it new ones get 503.
+    #[arg(long, env = "HERALD_MAX_HTTP_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_http_connections: u32,
     /// Connections per user per node; beyond it new ones get 429.
     #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
     pub max_connections_per_user: usize,

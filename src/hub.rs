@@ -16,66 +16,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures_util::FutureExt as _;
 use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerError, Delivery, History};
 use crate::channel::Channel;
-use crate::envelope::{Envelope, StreamId};
+use crate::envelope::StreamId;
+use crate::frame::Frame;
 use crate::mailbox::{Mailbox, MailboxRef};
 use crate::metrics::{self, CloseReason};
-use crate::sse;
-
-/// One message, encoded once per node and shared by every connection.
-#[derive(Debug)]
-pub struct Frame {
-    /// The channel it was published on.
-    pub channel: Channel,
-    /// Its history id; `None` for live-only messages.
-    pub id: Option<StreamId>,
-    /// Publish time (ms), for the lag metric.
-    pub ts: Option<u64>,
-    /// `event:` and `data:` lines plus the blank line.
-    pub body: Bytes,
-}
-
-impl Frame {
-    /// Validates and encodes a payload; `None` (counted, logged) if invalid.
-    pub fn decode(channel: Channel, payload: &[u8], max_payload: usize) -> Option<Frame> {
-        match Envelope::parse(payload, max_payload) {
-            Ok(envelope) => Some(Frame {
-                channel,
-                id: envelope.id,
-                ts: envelope.ts,
-                body: sse::encode_message(&envelope),
-            }),
-            Err(error) => {
-                metrics::get().invalid.increment(1);
-                warn_rate_limited(&channel, &error);
-                None
-            }
-        }
-    }
-}
-
-/// Logs invalid payloads at most once a second, so a flood of garbage on
-/// Redis cannot flood the logs too.
-fn warn_rate_limited(channel: &Channel, error: &dyn std::fmt::Display) {
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = crate::envelope::now_ms();
-    let last = LAST.load(Ordering::Relaxed);
-    if now.saturating_sub(last) >= 1000
-        && LAST
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        // Channel names may carry user ids: debug level only.
-        tracing::warn!(%error, "dropped an invalid message");
-        tracing::debug!(%channel, "invalid message channel");
-    }
-}
 
 /// Extra attempts at a history read while refilling after a reconnect.
 const REFILL_RETRIES: usize = 3;
@@ -188,16 +137,15 @@ impl Hub {
 
     /// Registers a connection of `user` on `channels`, subscribing the broker
     /// to channels that had no local connection. Its token expires at
-    /// `expires_at_ms`; `on_kill` is cancelled too when the hub cuts it.
+    /// `expires_at_ms`.
     pub fn connect(
         &self,
         user: &str,
         mut channels: Vec<Channel>,
         expires_at_ms: u64,
-        on_kill: Option<CancellationToken>,
     ) -> Result<Subscription, LimitError> {
         let config = &self.shared.config;
-        let mailbox = Arc::new(Mailbox::new(config.queue_capacity, expires_at_ms, on_kill));
+        let mailbox = Arc::new(Mailbox::new(config.queue_capacity, expires_at_ms));
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let mut live = Vec::with_capacity(channels.len());
         let user: Arc<str> = {

@@ -7,6 +7,7 @@
 //! - [`envelope`]: the pub/sub message format and stream ids.
 //! - [`auth`]: finding and verifying tokens; minting demo tokens.
 //! - [`sse`]: SSE frame encoding and the resume [`sse::Cursor`].
+//! - [`frame`]: a message validated and encoded once, shared by connections.
 //! - [`broker`]: the pub/sub + history backbone ([`broker::memory`] embedded,
 //!   [`broker::redis`] shared); knows nothing of connections.
 //! - [`hub`]: local channel → connections table, refcounted subscriptions,
@@ -28,6 +29,7 @@ pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod envelope;
+pub mod frame;
 pub mod http;
 pub mod hub;
 pub mod mailbox;

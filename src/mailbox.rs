@@ -16,10 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
-use tokio_util::sync::CancellationToken;
 
 use crate::envelope::now_ms;
-use crate::hub::Frame;
+use crate::frame::Frame;
 
 /// Queues beyond this capacity are given back once drained, so a burst does
 /// not leave an idle connection holding a large buffer.
@@ -63,15 +62,12 @@ pub struct Mailbox {
     last_write_ms: AtomicU64,
     /// When the token expires (ms since the epoch).
     expires_at_ms: u64,
-    /// Also cancelled on a kill, for connections served by hyper, whose
-    /// task waits on a token rather than on this mailbox.
-    on_kill: Option<CancellationToken>,
 }
 
 impl Mailbox {
     /// A mailbox holding at most `capacity` frames, for a token expiring at
     /// `expires_at_ms`.
-    pub fn new(capacity: usize, expires_at_ms: u64, on_kill: Option<CancellationToken>) -> Self {
+    pub fn new(capacity: usize, expires_at_ms: u64) -> Self {
         Mailbox {
             queue: Mutex::new(VecDeque::new()),
             reader: AtomicWaker::new(),
@@ -80,7 +76,6 @@ impl Mailbox {
             capacity: capacity.max(1),
             last_write_ms: AtomicU64::new(now_ms()),
             expires_at_ms,
-            on_kill,
         }
     }
 
@@ -202,9 +197,6 @@ impl Mailbox {
     pub fn kill(&self) {
         self.raise(KILLED);
         self.writer.wake();
-        if let Some(token) = &self.on_kill {
-            token.cancel();
-        }
     }
 
     /// Marks the connection slow and closes it.
@@ -251,7 +243,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_fifo_that_wakes_its_reader() {
-        let mailbox = Arc::new(Mailbox::new(2, u64::MAX, None));
+        let mailbox = Arc::new(Mailbox::new(2, u64::MAX));
         let reader = {
             let mailbox = mailbox.clone();
             tokio::spawn(async move { body(mailbox.next().await) })
@@ -269,7 +261,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_drain_before_shutdown_but_a_kill_is_immediate() {
-        let mailbox = Mailbox::new(4, u64::MAX, None);
+        let mailbox = Mailbox::new(4, u64::MAX);
         mailbox.push(frame(1));
         mailbox.shut_down();
         assert!(matches!(mailbox.next().await, Wake::Frame(_)));
@@ -283,7 +275,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_sweep_raises_heartbeats_and_expiry() {
-        let mailbox = Mailbox::new(4, now_ms() + 60_000, None);
+        let mailbox = Mailbox::new(4, now_ms() + 60_000);
         mailbox.sweep(now_ms(), 60_000);
         assert!(mailbox.check().is_none(), "not idle yet");
         mailbox.sweep(now_ms() + 1_000, 500);
@@ -291,14 +283,5 @@ mod tests {
         assert!(mailbox.check().is_none(), "one heartbeat per idle period");
         mailbox.sweep(now_ms() + 61_000, 500);
         assert!(matches!(mailbox.next().await, Wake::Expired));
-    }
-
-    #[test]
-    fn a_kill_cancels_the_hyper_token() {
-        let token = CancellationToken::new();
-        let mailbox = Mailbox::new(1, u64::MAX, Some(token.clone()));
-        mailbox.kill();
-        assert!(token.is_cancelled());
-        assert!(mailbox.is_killed() && !mailbox.is_slow());
     }
 }

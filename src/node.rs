@@ -17,9 +17,10 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisConfig};
 use crate::broker::Broker;
 use crate::config::ServeConfig;
-use crate::http::{admin_router, public_router, AppState};
+use crate::http::{admin_router, body_limit, public_router, AppState};
 use crate::hub::{Hub, HubConfig};
 use crate::publisher::Publisher;
+use crate::server::EdgeConfig;
 use crate::session::SessionConfig;
 
 /// A bound, ready-to-run node.
@@ -109,7 +110,6 @@ impl Node {
             cookie_name: Arc::from(config.cookie_name.as_str()),
             allow_query_token: config.allow_query_token,
             publisher: Publisher::new(broker, config.max_payload),
-            shutdown: CancellationToken::new(),
             prometheus,
             cors: crate::http::cors::Cors::new(&config.cors_origins),
         };
@@ -155,20 +155,23 @@ impl Node {
             ..
         } = self;
         let tracker = TaskTracker::new();
+        let public_stop = CancellationToken::new();
         let admin_stop = CancellationToken::new();
-        let public_app = public_router(state.clone());
-        let admin_app = admin_router(state.clone());
+        let edge = EdgeConfig {
+            max_body: body_limit(config.max_payload),
+            max_http_connections: config.max_http_connections as usize,
+        };
         let public_task = tokio::spawn(crate::server::serve(
             public,
-            public_app,
-            Some(state.clone()),
-            state.shutdown.clone(),
+            public_router(state.clone()),
+            edge.clone(),
+            public_stop.clone(),
             tracker.clone(),
         ));
         let admin_task = tokio::spawn(crate::server::serve(
             admin,
-            admin_app,
-            None,
+            admin_router(state.clone()),
+            edge,
             admin_stop.clone(),
             TaskTracker::new(),
         ));
@@ -177,7 +180,7 @@ impl Node {
         tracing::info!(connections = state.hub.connection_count(), "draining");
         // Readiness turns 503 here, before any stream is ended.
         state.hub.drain();
-        state.shutdown.cancel();
+        public_stop.cancel();
         let _ = public_task.await;
         tracker.close();
         if tokio::time::timeout(config.drain_timeout, tracker.wait())

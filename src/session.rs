@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
 use crate::broker::{BrokerError, History};
 use crate::channel::Channel;
 use crate::envelope::{now_ms, StreamId};
-use crate::hub::{Frame, Hub, LimitError, Subscription};
+use crate::frame::Frame;
+use crate::hub::{Hub, LimitError, Subscription};
 use crate::mailbox::{MailboxRef, Wake};
 use crate::metrics::{self, CloseReason};
 use crate::sse::{self, Cursor};
@@ -73,10 +73,9 @@ impl Session {
         claims: &Claims,
         channels: Vec<Channel>,
         last_event_id: Option<&str>,
-        on_kill: Option<CancellationToken>,
     ) -> Result<Session, StartError> {
         let expires_at_ms = claims.exp.saturating_mul(1000);
-        let mut subscription = hub.connect(&claims.sub, channels, expires_at_ms, on_kill)?;
+        let mut subscription = hub.connect(&claims.sub, channels, expires_at_ms)?;
         subscription.wait_live(SUBSCRIBE_TIMEOUT).await?;
         let broker = hub.broker().clone();
         let resume = last_event_id.map(Cursor::decode);

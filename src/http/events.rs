@@ -6,12 +6,10 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
-use tokio_util::sync::CancellationToken;
 
 use super::{ApiError, AppState};
 use crate::channel::Channel;
-use crate::server::ConnectionKill;
+use crate::mailbox::MailboxRef;
 use crate::session::Session;
 
 /// Most topics one connection may ask for.
@@ -21,21 +19,18 @@ pub(super) async fn events(
     State(state): State<AppState>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    kill: Option<Extension<ConnectionKill>>,
 ) -> Response {
-    // The listener gives each TCP connection a kill token so a slow cut
-    // closes the socket even while a write is blocked; without one (the
-    // router served some other way) the cut only ends the stream.
-    let kill = kill.map(|Extension(k)| k.0);
-    let session = match open_session(&state, &headers, query.as_deref(), kill).await {
+    let session = match open_session(&state, &headers, query.as_deref()).await {
         Ok(session) => session,
         Err(error) => {
             error.count_rejected();
             return error.into_response();
         }
     };
-    // The session lives in the body: when the client goes away hyper drops
-    // the body, and the session's drop unregisters it from the hub.
+    let cut = StreamCut(session.mailbox().clone());
+    // The session lives in the body: when the client goes away the
+    // transport drops the body, and the session's drop unregisters it from
+    // the hub.
     let stream = futures_util::stream::unfold(session, |mut session| async move {
         let chunk = session.next_chunk().await?;
         Some((Ok::<_, Infallible>(chunk), session))
@@ -44,11 +39,25 @@ pub(super) async fn events(
     for (name, value) in sse_headers() {
         response.headers_mut().insert(name, value);
     }
+    response.extensions_mut().insert(cut);
     response
 }
 
+/// Lets the transport close an event stream's connection at once when the
+/// hub cuts it (slow, or its channel lost history), even while a write to
+/// the client is blocked and the body is not being polled.
+#[derive(Clone)]
+pub struct StreamCut(MailboxRef);
+
+impl StreamCut {
+    /// Resolves once the stream is cut.
+    pub async fn cut(&self) {
+        self.0.killed().await
+    }
+}
+
 /// The response headers of an event stream (CORS comes on top).
-pub(crate) fn sse_headers() -> [(HeaderName, HeaderValue); 3] {
+fn sse_headers() -> [(HeaderName, HeaderValue); 3] {
     [
         (
             header::CONTENT_TYPE,
@@ -64,13 +73,11 @@ pub(crate) fn sse_headers() -> [(HeaderName, HeaderValue); 3] {
 }
 
 /// Authenticates the request, resolves its channels and starts its session:
-/// everything `/events` does before streaming, shared by the axum route and
-/// the lean streaming path.
-pub(crate) async fn open_session(
+/// everything `/events` does before streaming.
+async fn open_session(
     state: &AppState,
     headers: &HeaderMap,
     query: Option<&str>,
-    on_kill: Option<CancellationToken>,
 ) -> Result<Session, ApiError> {
     let mut topics = Vec::new();
     let mut query_token = None;
@@ -109,14 +116,7 @@ pub(crate) async fn open_session(
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty());
-    let session = Session::start(
-        &state.hub,
-        &state.session,
-        &claims,
-        channels,
-        last_event_id,
-        on_kill,
-    );
+    let session = Session::start(&state.hub, &state.session, &claims, channels, last_event_id);
     // Boxed: the start-up future is large and must not stay allocated in
     // the connection's task for the whole life of the stream.
     Ok(Box::pin(session).await?)

@@ -14,7 +14,6 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, Verifier};
 use crate::hub::{Hub, LimitError};
@@ -22,8 +21,8 @@ use crate::metrics::{self, RejectReason};
 use crate::session::{SessionConfig, StartError};
 
 pub use admin::admin_router;
-pub(crate) use events::{open_session, sse_headers};
-pub(crate) use publish::{body_limit, publish_body, too_large};
+pub use events::StreamCut;
+pub use publish::body_limit;
 
 /// Everything a handler needs; cheap to clone.
 #[derive(Clone)]
@@ -40,8 +39,6 @@ pub struct AppState {
     pub allow_query_token: bool,
     /// Validates and publishes for `/publish`.
     pub publisher: crate::publisher::Publisher,
-    /// Cancelled when the node starts draining; every stream ends on it.
-    pub shutdown: CancellationToken,
     /// Renders `/metrics`.
     pub prometheus: PrometheusHandle,
     /// Allowed CORS origins.
@@ -63,6 +60,8 @@ pub fn public_router(state: AppState) -> Router {
         .route("/events", get(events::events))
         .route("/publish", post(publish::publish))
         .with_state(state)
+        // The transport bounds every body already (`body_limit`).
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn_with_state(cors, cors::layer))
 }
 
@@ -131,17 +130,18 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.status();
-        let mut response = (
-            status,
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
+        error_response(self.status(), &self.to_string())
     }
+}
+
+/// Every error answer of both listeners, the transport's refusals included:
+/// `{"error": message}` with its status (and, for a 401, the challenge).
+pub fn error_response(status: StatusCode, message: &str) -> Response {
+    let mut response = (status, Json(serde_json::json!({ "error": message }))).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
 }

@@ -3,11 +3,10 @@
 //! Only `Authorization: Bearer` is accepted here, never the browser cookie,
 //! so a page cannot be tricked into publishing with a visitor's cookie.
 
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -37,22 +36,16 @@ impl From<PublishError> for ApiError {
     }
 }
 
+/// The body arrives whole: the transport reads it within its deadline and
+/// refuses one over [`body_limit`] with a 413 before the route runs.
 pub(super) async fn publish(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Body,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
     let token = bearer_token(&headers).ok_or(AuthError::Missing)?;
     let claims = state.verifier.verify(token)?;
-    let limit = body_limit(&state);
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Err(too_large(limit));
-        }
-        Err(e) => return Err(ApiError::BadRequest(format!("could not read body: {e}"))),
-    };
-    let reply = publish_body(&state, &claims, &bytes).await?;
+    let reply = publish_body(&state, &claims, &body).await?;
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -65,29 +58,14 @@ pub(super) async fn publish(
 
 /// Largest request body: a batch may hold many messages, so the body as a
 /// whole is bounded at 16 payloads (at least 64 KiB).
-pub(crate) fn body_limit(state: &AppState) -> usize {
-    state
-        .hub
-        .config()
-        .max_payload
-        .saturating_mul(16)
-        .max(64 * 1024)
-}
-
-/// The 413 for a body over [`body_limit`].
-pub(crate) fn too_large(limit: usize) -> ApiError {
-    ApiError::TooLarge(format!("request body over {limit} bytes"))
+pub fn body_limit(max_payload: usize) -> usize {
+    max_payload.saturating_mul(16).max(64 * 1024)
 }
 
 /// Publishes what a request body asks for, on behalf of a verified token:
 /// checks every message (shape, channel, size, the token's `publish`
-/// patterns) before publishing any, and returns the JSON reply body. The
-/// axum route and the lean path in [`crate::server`] both come here.
-pub(crate) async fn publish_body(
-    state: &AppState,
-    claims: &Claims,
-    body: &[u8],
-) -> Result<String, ApiError> {
+/// patterns) before publishing any, and returns the JSON reply body.
+async fn publish_body(state: &AppState, claims: &Claims, body: &[u8]) -> Result<String, ApiError> {
     let request: Request = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
     let (messages, batch) = match request {

@@ -1,0 +1,490 @@
+//! The HTTP/1.1 edge: accept loops and one small connection driver that
+//! serves an axum [`Router`] for every route, on both listeners.
+//!
+//! The driver only moves bytes: it reads a request head and its body
+//! ([`request`] parses both, as pure functions), hands an `http::Request` to
+//! the router, and writes the response. Routes, auth, CORS, limits and the
+//! JSON errors are all the router's ([`crate::http`]); nothing here knows a
+//! route.
+//!
+//! Why our own driver rather than hyper's server:
+//! - Memory. Idle SSE streams are nearly all of a node's connections. Under
+//!   hyper each kept two 8 KiB buffers for its whole life; here the read
+//!   buffer is freed once the request is read, and a stream's task holds
+//!   only the socket, the response body and the write in flight. An event
+//!   stream is close-delimited (valid HTTP/1.1, and how every SSE stream ends
+//!   anyway), so no chunked encoding either.
+//! - One set of deadlines for every request: the whole head within
+//!   [`HEAD_TIMEOUT`], the whole body within [`BODY_TIMEOUT`], an idle
+//!   keep-alive connection closed after [`KEEP_ALIVE_TIMEOUT`], a response
+//!   written within [`WRITE_TIMEOUT`]; and a cap on the connections that are
+//!   not event streams (`--max-http-connections`), which the hub does not
+//!   count.
+//! - A slow client's stream must be closable while a write to it is
+//!   blocked: an event stream's response carries a [`StreamCut`], and the
+//!   driver drops the connection when it fires.
+//!
+//! Bodies of requests are read whole before the router sees them (every
+//! route takes a small JSON body or none), bounded by the configured limit.
+//! Responses whose length is known are written with `Content-Length` on a
+//! keep-alive connection; any other body is streamed and ends the
+//! connection.
+
+pub mod request;
+
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, Method, StatusCode};
+
+use axum::Router;
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::http::{error_response, StreamCut};
+use request::{BodyFraming, Chunked, Head, Refusal};
+
+/// How long a client may take to send a whole request head, counted from
+/// the connection's start (first request) or the request's first byte.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a whole request body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a keep-alive connection may sit idle between requests.
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long writing one (non-streaming) response may take.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the driver enforces for one listener.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// Largest request body; larger ones are answered 413.
+    pub max_body: usize,
+    /// Connections not (yet) streaming: reading a request, being answered
+    /// or idle in keep-alive. Beyond it new connections get a 503.
+    pub max_http_connections: usize,
+}
+
+/// Accepts connections until `stop` fires; each connection runs on
+/// `tracker` and, once `stop` fired, finishes its current response and
+/// closes.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    config: EdgeConfig,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let edge = Arc::new(Edge {
+        router,
+        config,
+        stop: stop.clone(),
+        http_connections: AtomicUsize::new(0),
+    });
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Usually EMFILE: back off instead of spinning; the
+                // connection limits keep this rare.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let edge = edge.clone();
+        tracker.spawn(async move {
+            let Some(permit) = HttpPermit::take(&edge) else {
+                crate::metrics::get().rejected(crate::metrics::RejectReason::Limit);
+                let mut stream = stream;
+                let refusal = Refusal {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    message: "node is at its connection limit",
+                };
+                let _ = write_refusal(&mut stream, &refusal).await;
+                return;
+            };
+            // Boxed: a task's future is as large as its largest state, and
+            // this task lives as long as the stream it may turn into.
+            let streaming = Box::pin(edge.requests(stream, permit)).await;
+            if let Some(streaming) = streaming {
+                streaming.run().await;
+            }
+        });
+    }
+}
+
+/// One listener's shared state.
+struct Edge {
+    router: Router,
+    config: EdgeConfig,
+    /// Fired when the node drains: no new request is read.
+    stop: CancellationToken,
+    /// Connections holding an [`HttpPermit`].
+    http_connections: AtomicUsize,
+}
+
+/// A connection's place under `--max-http-connections`, given back when it
+/// closes or turns into an event stream.
+struct HttpPermit(Arc<Edge>);
+
+impl HttpPermit {
+    fn take(edge: &Arc<Edge>) -> Option<HttpPermit> {
+        let previous = edge.http_connections.fetch_add(1, Ordering::AcqRel);
+        let permit = HttpPermit(edge.clone());
+        (previous < edge.config.max_http_connections).then_some(permit)
+    }
+}
+
+impl Drop for HttpPermit {
+    fn drop(&mut self) {
+        self.0.http_connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response whose body is streamed until it ends; the connection closes
+/// after it.
+struct Streaming {
+    stream: TcpStream,
+    body: Body,
+    cut: Option<StreamCut>,
+}
+
+/// A request read off the wire, or why the connection ends instead.
+// Lives only between reading a request and routing it; boxing the head
+// would cost an allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Read {
+    Request(Head, Bytes),
+    /// Refused: answer this, then close.
+    Refused(Refusal),
+    /// The client went away, timed out, or the node drains: close quietly.
+    Closed,
+}
+
+impl Edge {
+    /// Serves requests on one connection until it closes or a response
+    /// turns into a stream, which is returned for the caller to run.
+    async fn requests(&self, mut stream: TcpStream, permit: HttpPermit) -> Option<Streaming> {
+        let mut buf = BytesMut::with_capacity(1024);
+        let mut deadline = Instant::now() + HEAD_TIMEOUT;
+        loop {
+            let (head, body) = match self.read_request(&mut stream, &mut buf, deadline).await {
+                Read::Request(head, body) => (head, body),
+                Read::Refused(refusal) => {
+                    let _ = write_refusal(&mut stream, &refusal).await;
+                    return None;
+                }
+                Read::Closed => return None,
+            };
+            let keep_alive = head.keep_alive && !self.stop.is_cancelled();
+            let is_head = head.method == Method::HEAD;
+            let mut request = Request::new(Body::from(body));
+            *request.method_mut() = head.method;
+            *request.uri_mut() = head.uri;
+            *request.version_mut() = head.version;
+            *request.headers_mut() = head.headers;
+            let Ok(response) = self.router.clone().oneshot(request).await;
+
+            let (parts, body) = response.into_parts();
+            let exact = axum::body::HttpBody::size_hint(&body).exact();
+            if exact.is_none() && !is_head {
+                // A streamed body (an event stream): it ends the connection.
+                let mut cut_parts = parts;
+                let cut = cut_parts.extensions.remove::<StreamCut>();
+                let mut out = Vec::with_capacity(256);
+                write_head(&mut out, cut_parts.status, &cut_parts.headers, None, false);
+                let written = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&out)).await;
+                if !matches!(written, Ok(Ok(()))) {
+                    return None;
+                }
+                drop(permit);
+                return Some(Streaming { stream, body, cut });
+            }
+            let bytes = if is_head {
+                Bytes::new()
+            } else {
+                match body.collect().await {
+                    Ok(collected) => collected.to_bytes(),
+                    Err(_) => return None,
+                }
+            };
+            let length = exact.unwrap_or(0) as usize;
+            let mut out = Vec::with_capacity(192 + bytes.len());
+            write_head(
+                &mut out,
+                parts.status,
+                &parts.headers,
+                Some(length),
+                keep_alive,
+            );
+            out.extend_from_slice(&bytes);
+            let written = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&out)).await;
+            if !matches!(written, Ok(Ok(()))) || !keep_alive {
+                let _ = stream.shutdown().await;
+                return None;
+            }
+            if buf.is_empty() {
+                // Idle keep-alive: wait for the next request's first byte,
+                // but not forever and not past a drain. The buffer is given
+                // back meanwhile.
+                buf = BytesMut::new();
+                let ready = tokio::select! {
+                    _ = self.stop.cancelled() => return None,
+                    ready = tokio::time::timeout(KEEP_ALIVE_TIMEOUT, stream.readable()) => ready,
+                };
+                if !matches!(ready, Ok(Ok(()))) {
+                    return None;
+                }
+                buf.reserve(1024);
+            }
+            deadline = Instant::now() + HEAD_TIMEOUT;
+        }
+    }
+
+    /// Reads one request's head (by `deadline`) and its whole body (within
+    /// [`BODY_TIMEOUT`]), leaving any pipelined bytes in `buf`.
+    async fn read_request(
+        &self,
+        stream: &mut TcpStream,
+        buf: &mut BytesMut,
+        deadline: Instant,
+    ) -> Read {
+        let head = loop {
+            if !buf.is_empty() {
+                match request::parse_head(buf) {
+                    Ok(Some(head)) => break head,
+                    Ok(None) => {}
+                    Err(refusal) => return Read::Refused(refusal),
+                }
+            }
+            if !self.read_more(stream, buf, deadline).await {
+                return Read::Closed;
+            }
+        };
+        buf.advance(head.len);
+        let limit = self.config.max_body;
+        let deadline = Instant::now() + BODY_TIMEOUT;
+        if let BodyFraming::Length(n) = head.body {
+            if n > limit as u64 {
+                return Read::Refused(request::body_too_large());
+            }
+        }
+        if head.expect_continue && head.body != BodyFraming::Length(0) && buf.is_empty() {
+            let go = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+            if !matches!(tokio::time::timeout_at(deadline, go).await, Ok(Ok(()))) {
+                return Read::Closed;
+            }
+        }
+        let body = match head.body {
+            BodyFraming::Length(n) => {
+                let n = n as usize;
+                while buf.len() < n {
+                    buf.reserve(n - buf.len());
+                    if !self.read_more(stream, buf, deadline).await {
+                        return Read::Closed;
+                    }
+                }
+                buf.split_to(n).freeze()
+            }
+            BodyFraming::Chunked => {
+                let mut decoder = Chunked::default();
+                let mut body = BytesMut::new();
+                loop {
+                    match decoder.decode(buf, &mut body, limit) {
+                        Ok(true) => break,
+                        Ok(false) => {}
+                        Err(refusal) => return Read::Refused(refusal),
+                    }
+                    if !self.read_more(stream, buf, deadline).await {
+                        return Read::Closed;
+                    }
+                }
+                body.freeze()
+            }
+        };
+        Read::Request(head, body)
+    }
+
+    /// Reads more bytes into `buf`; `false` when the client closed, the
+    /// deadline passed, or the node drains.
+    async fn read_more(
+        &self,
+        stream: &mut TcpStream,
+        buf: &mut BytesMut,
+        deadline: Instant,
+    ) -> bool {
+        if buf.capacity() == buf.len() {
+            buf.reserve(1024);
+        }
+        tokio::select! {
+            _ = self.stop.cancelled() => false,
+            read = tokio::time::timeout_at(deadline, stream.read_buf(buf)) => {
+                matches!(read, Ok(Ok(n)) if n > 0)
+            }
+        }
+    }
+}
+
+impl Streaming {
+    /// Writes each chunk of the body as it comes, until it ends, the client
+    /// goes away or the stream is cut.
+    async fn run(self) {
+        let Streaming {
+            mut stream,
+            mut body,
+            cut,
+        } = self;
+        let mut probe = [0u8; 16];
+        loop {
+            tokio::select! {
+                frame = body.frame() => {
+                    let Some(Ok(frame)) = frame else { break };
+                    let Ok(chunk) = frame.into_data() else { continue };
+                    let written = match &cut {
+                        Some(cut) => tokio::select! {
+                            written = stream.write_all(&chunk) => written,
+                            _ = cut.cut() => return,
+                        },
+                        None => stream.write_all(&chunk).await,
+                    };
+                    if written.is_err() {
+                        return;
+                    }
+                }
+                // The client sends nothing after its request; a read
+                // returning 0 means it closed, so the stream ends now, not
+                // at the next failed write.
+                read = stream.read(&mut probe) => {
+                    if !matches!(read, Ok(n) if n > 0) {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = stream.shutdown().await;
+    }
+}
+
+/// Writes a refusal as a complete JSON error response and closes.
+async fn write_refusal(stream: &mut TcpStream, refusal: &Refusal) -> io::Result<()> {
+    let response = error_response(refusal.status, refusal.message);
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(192 + body.len());
+    write_head(
+        &mut out,
+        parts.status,
+        &parts.headers,
+        Some(body.len()),
+        false,
+    );
+    out.extend_from_slice(&body);
+    tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&out))
+        .await
+        .map_err(|_| io::ErrorKind::TimedOut)??;
+    stream.shutdown().await
+}
+
+/// A response head: status line, the response's own headers, `date:`, and
+/// the framing the driver chose (`content-length`, or none and
+/// `connection: close` for a close-delimited body).
+fn write_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    length: Option<usize>,
+    keep_alive: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        // The driver frames the message itself.
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    push_date(out);
+    if let Some(length) = length {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A `date:` header line, as RFC 9110 asks of an origin server. The text
+/// changes once a second, so each thread formats it once a second.
+fn push_date(out: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let second = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(cached, text)| {
+        if *cached != second {
+            *cached = second;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_frames_by_length_or_by_close() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        headers.insert(header::CONTENT_LENGTH, "999".parse().unwrap());
+        let mut out = Vec::new();
+        write_head(&mut out, StatusCode::OK, &headers, Some(2), true);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"));
+        assert!(text.contains("\r\ncontent-length: 2\r\n"));
+        assert!(!text.contains("999") && !text.contains("connection"));
+        assert!(text.ends_with("\r\n\r\n"));
+        let mut out = Vec::new();
+        write_head(&mut out, StatusCode::OK, &HeaderMap::new(), None, false);
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("content-length") && text.contains("connection: close\r\n"));
+    }
+}
