@@ -13,6 +13,7 @@
 
 pub(crate) mod proxy;
 pub(crate) mod resp;
+pub(crate) mod wire;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
