@@ -116,4 +116,3 @@ impl Conn {
 pub(crate) fn host(node: &Node) -> &str {
     node.public().trim_start_matches("http://")
 }
-
