@@ -111,10 +111,10 @@ pub async fn serve(
             let Some(permit) = HttpPermit::take(&edge) else {
                 crate::metrics::get().rejected(crate::metrics::RejectReason::Limit);
                 let mut stream = stream;
-                let refusal = Refusal {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    message: "node is at its connection limit",
-                };
+                let refusal = Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "node is at its connection limit",
+                );
                 let _ = write_refusal(&mut stream, &refusal).await;
                 return;
             };
@@ -382,6 +382,9 @@ impl Streaming {
 
 /// Writes a refusal as a complete JSON error response and closes.
 async fn write_refusal(stream: &mut TcpStream, refusal: &Refusal) -> io::Result<()> {
+    if !refusal.answer {
+        return stream.shutdown().await;
+    }
     let response = error_response(refusal.status, refusal.message);
     let (parts, body) = response.into_parts();
     let body = body

@@ -25,11 +25,19 @@ pub struct Refusal {
     pub status: StatusCode,
     /// The `error` text of the JSON body.
     pub message: &'static str,
+    /// Whether to answer at all: a client speaking another protocol gets
+    /// the connection closed, as hyper does.
+    pub answer: bool,
 }
 
 impl Refusal {
-    const fn new(status: StatusCode, message: &'static str) -> Self {
-        Refusal { status, message }
+    /// A refusal answered with `status` and `message`.
+    pub const fn new(status: StatusCode, message: &'static str) -> Self {
+        Refusal {
+            status,
+            message,
+            answer: true,
+        }
     }
 
     fn bad(message: &'static str) -> Self {
@@ -77,11 +85,12 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, Refusal> {
         Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(None),
         Ok(httparse::Status::Partial) => return Err(head_too_large()),
         Err(httparse::Error::TooManyHeaders) => return Err(head_too_large()),
-        Err(httparse::Error::Version) => {
-            return Err(Refusal::new(
-                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
-                "only HTTP/1.0 and HTTP/1.1 are served",
-            ))
+        // HTTP/2 with prior knowledge: not ours to answer in HTTP/1.
+        Err(httparse::Error::Version) if buf.starts_with(b"PRI * HTTP/2.0") => {
+            return Err(Refusal {
+                answer: false,
+                ..Refusal::bad("HTTP/2 is not served")
+            })
         }
         Err(_) => return Err(Refusal::bad("malformed request head")),
     };
@@ -209,10 +218,7 @@ fn final_coding_is_chunked(value: &[u8]) -> Result<bool, Refusal> {
     }
     match last {
         Some(t) if t.eq_ignore_ascii_case(b"chunked") => Ok(true),
-        _ => Err(Refusal::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "unsupported Transfer-Encoding",
-        )),
+        _ => Err(Refusal::bad("unsupported Transfer-Encoding")),
     }
 }
 
@@ -392,8 +398,10 @@ mod tests {
         }
         assert_eq!(
             status("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"),
-            StatusCode::NOT_IMPLEMENTED
+            StatusCode::BAD_REQUEST
         );
+        let preface = head("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap_err();
+        assert!(!preface.answer, "closed without an HTTP/1 answer");
         let same = "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n";
         assert_eq!(head(same).unwrap().unwrap().body, BodyFraming::Length(3));
     }
