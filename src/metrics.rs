@@ -5,7 +5,10 @@
 
 use std::sync::OnceLock;
 
-use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Why a connection closed (`herald_connections_closed_total{reason}`).
@@ -110,9 +113,69 @@ pub fn install() -> PrometheusHandle {
             // Fails only if another recorder was installed first (an
             // embedding application's); metrics then go to that one.
             let _ = metrics::set_global_recorder(recorder);
+            describe();
             handle
         })
         .clone()
+}
+
+/// The `# HELP` text of every metric, so dashboards and `promtool check
+/// metrics` know what each one means.
+fn describe() {
+    describe_gauge!("herald_connections", "Open SSE connections on this node.");
+    describe_counter!(
+        "herald_connections_opened_total",
+        "SSE connections opened on this node."
+    );
+    describe_counter!(
+        "herald_connections_closed_total",
+        "SSE connections closed, by reason (client, slow, expired, shutdown, error)."
+    );
+    describe_counter!(
+        "herald_connections_rejected_total",
+        "Connections refused, by reason (auth, forbidden, limit)."
+    );
+    describe_counter!(
+        "herald_messages_published_total",
+        "Messages published through this node (HTTP API)."
+    );
+    describe_counter!(
+        "herald_messages_received_total",
+        "Messages this node received from the broker."
+    );
+    describe_counter!(
+        "herald_messages_delivered_total",
+        "Messages written to SSE connections (one per connection), replays included."
+    );
+    describe_counter!(
+        "herald_messages_invalid_total",
+        "Broker payloads dropped because they were not a valid envelope."
+    );
+    describe_histogram!(
+        "herald_delivery_lag_seconds",
+        Unit::Seconds,
+        "Time from a message's publish timestamp to its write to a connection."
+    );
+    describe_counter!(
+        "herald_replayed_messages_total",
+        "Messages replayed from history to reconnecting clients."
+    );
+    describe_counter!(
+        "herald_history_resets_total",
+        "Streams opened with herald.reset because history could not cover the cursor."
+    );
+    describe_gauge!(
+        "herald_subscribed_channels",
+        "Channels this node is subscribed to on the broker."
+    );
+    describe_gauge!(
+        "herald_redis_connected",
+        "1 while the Redis pub/sub connection is up, else 0."
+    );
+    describe_counter!(
+        "herald_redis_reconnects_total",
+        "Reconnects of the Redis pub/sub connection."
+    );
 }
 
 /// The metric handles; call [`install`] first or they record nowhere.

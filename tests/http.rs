@@ -205,3 +205,44 @@ async fn metrics_count_traffic_without_naming_users_or_channels() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_has_help_text_and_promtool_finds_nothing() {
+    let node = Node::start(&[]);
+    // Some traffic, so histograms and labelled series are all present.
+    let mut sse = Sse::open(&node, &token("alice")).await;
+    common::publish_ok(&node, "user:alice", serde_json::json!("hi")).await;
+    sse.next_data(WAIT).await.expect("delivered");
+    let text = get(&node.admin_url("/metrics")).await.text();
+    for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let name = line.split_whitespace().nth(2).expect("metric name");
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no # HELP"
+        );
+    }
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (tests/run installs it)");
+    use std::io::Write as _;
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = promtool.wait_with_output().expect("promtool runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}"
+    );
+}
