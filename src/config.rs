@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// `herald`: notification fanout over Server-Sent Events.
 #[derive(Debug, Parser)]
@@ -24,7 +24,12 @@ impl Cli {
     /// Parses the process arguments, treating `herald [flags]` as
     /// `herald serve [flags]` so the common case needs no subcommand.
     pub fn parse_with_default() -> Self {
-        Self::parse_from(with_default_command(std::env::args_os().collect()))
+        // Help shows `[env: HERALD_X]`, not clap's `[env: HERALD_X=]` for an
+        // unset variable (and never a set one's value).
+        let command =
+            Self::command().mut_subcommands(|sub| sub.mut_args(|arg| arg.hide_env_values(true)));
+        let matches = command.get_matches_from(with_default_command(std::env::args_os().collect()));
+        Self::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
     }
 }
 

@@ -42,6 +42,7 @@ fn help_documents_every_design_flag_with_its_env_var() {
         "history-ttl",
         "max-payload",
         "drain-timeout",
+        "max-http-connections",
     ] {
         assert!(
             help.contains(&format!("--{flag}")),
@@ -49,6 +50,8 @@ fn help_documents_every_design_flag_with_its_env_var() {
         );
         let env = format!("HERALD_{}", flag.to_uppercase().replace('-', "_"));
         assert!(help.contains(&env), "{env} missing from help");
+        // The name alone, not clap's `HERALD_X=` for an unset variable.
+        assert!(!help.contains(&format!("{env}=")), "{env}= in help");
     }
 }
 

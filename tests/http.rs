@@ -246,3 +246,14 @@ async fn every_metric_has_help_text_and_promtool_finds_nothing() {
         "promtool: {said}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_pipe_carry_no_colour_codes() {
+    let mut node = Node::start(&[]);
+    // A drain logs a line at the default level.
+    node.signal("TERM");
+    node.wait_exit(WAIT).await;
+    let log = node.stderr_tail();
+    assert!(log.contains("draining"), "{log}");
+    assert!(!log.contains('\x1b'), "ANSI escapes in piped logs: {log:?}");
+}

@@ -14,6 +14,9 @@ fn main() -> ExitCode {
             EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: systemd journals and log files get
+        // plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let workers = match &cli.command {
         Command::Serve(config) => config.workers,
