@@ -15,8 +15,11 @@
 //! - [`mailbox`]: a connection's bounded frame queue; the slow-client cut.
 //! - [`session`]: one SSE connection: replay, live frames, heartbeats, expiry.
 //! - [`publisher`]: the single publish path (HTTP, CLI, Rust apps).
-//! - [`http`]: routes, on the public and the admin listener.
-//! - [`server`]: accept loops and per-connection tasks.
+//! - [`http`]: every route, on the public and the admin listener: auth,
+//!   CORS, limits and the JSON errors.
+//! - [`server`]: the HTTP/1.1 edge: accept loops and one connection driver
+//!   that reads requests, hands them to the router and writes responses;
+//!   it knows no route.
 //! - [`metrics`]: metric names and handles.
 //! - [`cli`]: the `herald publish` client.
 //!

@@ -1,7 +1,7 @@
 //! `POST /publish` on the wire, as app services' HTTP clients use it:
-//! keep-alive and pipelined requests, the framings the lean publish path
-//! hands to hyper (chunked bodies, `Expect: 100-continue`, HTTP/1.0), other
-//! routes on a publish connection, errors, and drains. Raw TCP, so the bytes
+//! keep-alive and pipelined requests, the other framings clients use
+//! (chunked bodies, `Expect: 100-continue`, HTTP/1.0), other routes on a
+//! publish connection, errors, and drains. Raw TCP, so the bytes
 //! the node writes are what is checked.
 
 mod common;
@@ -201,7 +201,7 @@ async fn refused_publishes_get_json_errors_without_the_body_being_read() {
         .await;
     assert_eq!(conn.response().await.status, 403);
 
-    // A malformed Content-Length goes to hyper, which refuses it.
+    // A malformed Content-Length is refused.
     let mut conn = Conn::open(&node).await;
     conn.send(
         format!(
