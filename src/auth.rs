@@ -189,10 +189,7 @@ impl Verifier {
     }
 
     fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<Claims>>> {
-        // The map is valid whatever a panicking holder left behind.
-        self.verified
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.verified)
     }
 
     /// The full check: signature, algorithm, registered claims, `sub`.

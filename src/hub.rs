@@ -129,10 +129,7 @@ impl Hub {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.shared.state)
     }
 
     /// Registers a connection of `user` on `channels`, subscribing the broker

@@ -41,6 +41,7 @@ pub mod publisher;
 pub mod server;
 pub mod session;
 pub mod sse;
+mod sync;
 
 mod node;
 

@@ -80,7 +80,7 @@ impl Mailbox {
     }
 
     fn queue(&self) -> MutexGuard<'_, VecDeque<Arc<Frame>>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.queue)
     }
 
     fn raise(&self, flag: u8) {

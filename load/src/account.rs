@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 /// What one arriving message was, for this client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arrival {
+pub(crate) enum Arrival {
     /// First time seen, in order.
     New,
     /// First time seen, but after a later message.
@@ -26,7 +26,7 @@ pub enum Arrival {
 
 /// One client's received set.
 #[derive(Debug, Clone)]
-pub struct SeqTracker {
+pub(crate) struct SeqTracker {
     stride: u64,
     offset: u64,
     /// Messages in the run; higher sequence numbers are misrouted.
@@ -34,14 +34,14 @@ pub struct SeqTracker {
     /// Bit `i` = message `offset + i * stride` arrived.
     bits: Vec<u64>,
     max_index: Option<u64>,
-    pub delivered: u64,
-    pub duplicates: u64,
-    pub out_of_order: u64,
-    pub misrouted: u64,
+    pub(crate) delivered: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) out_of_order: u64,
+    pub(crate) misrouted: u64,
 }
 
 impl SeqTracker {
-    pub fn new(stride: u64, offset: u64, limit: u64) -> Self {
+    pub(crate) fn new(stride: u64, offset: u64, limit: u64) -> Self {
         assert!(stride > 0 && offset < stride, "offset must be below stride");
         SeqTracker {
             stride,
@@ -56,7 +56,7 @@ impl SeqTracker {
         }
     }
 
-    pub fn record(&mut self, seq: u64) -> Arrival {
+    pub(crate) fn record(&mut self, seq: u64) -> Arrival {
         if seq >= self.limit || seq % self.stride != self.offset {
             self.misrouted += 1;
             return Arrival::Misrouted;
@@ -89,7 +89,7 @@ impl SeqTracker {
     /// Settles the account once `published` messages (sequence numbers
     /// `0..published`) were sent; `excluded` (sorted) are those whose
     /// publish failed or is uncertain.
-    pub fn tally(&self, published: u64, excluded: &[u64]) -> Tally {
+    pub(crate) fn tally(&self, published: u64, excluded: &[u64]) -> Tally {
         // Messages meant for us among 0..published.
         let meant = if published > self.offset {
             (published - 1 - self.offset) / self.stride + 1
@@ -143,28 +143,28 @@ fn count_ones_below(bits: &[u64], n: u64) -> u64 {
 
 /// Delivery accounting, summed over clients.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tally {
-    pub clients: u64,
+pub(crate) struct Tally {
+    pub(crate) clients: u64,
     /// Confirmed publishes meant for these clients.
-    pub expected: u64,
+    pub(crate) expected: u64,
     /// Of those, how many arrived (at least once).
-    pub received: u64,
-    pub lost: u64,
+    pub(crate) received: u64,
+    pub(crate) lost: u64,
     /// Distinct messages that arrived, including unconfirmed ones.
-    pub delivered: u64,
+    pub(crate) delivered: u64,
     /// Extra copies of messages already received.
-    pub duplicates: u64,
-    pub out_of_order: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) out_of_order: u64,
     /// Arrivals meant for another client or outside the run.
-    pub misrouted: u64,
-    pub clients_with_loss: u64,
-    pub clients_with_duplicates: u64,
-    pub max_lost_per_client: u64,
-    pub max_duplicates_per_client: u64,
+    pub(crate) misrouted: u64,
+    pub(crate) clients_with_loss: u64,
+    pub(crate) clients_with_duplicates: u64,
+    pub(crate) max_lost_per_client: u64,
+    pub(crate) max_duplicates_per_client: u64,
 }
 
 impl Tally {
-    pub fn add(&mut self, o: &Tally) {
+    pub(crate) fn add(&mut self, o: &Tally) {
         self.clients += o.clients;
         self.expected += o.expected;
         self.received += o.received;

@@ -37,7 +37,7 @@ fn register_font() -> anyhow::Result<()> {
 }
 
 /// Draws the chart; `latency` is the live-delivery histogram in µs.
-pub fn draw(path: &Path, report: &Report, latency: &Histogram<u64>) -> anyhow::Result<()> {
+pub(crate) fn draw(path: &Path, report: &Report, latency: &Histogram<u64>) -> anyhow::Result<()> {
     register_font()?;
     let root = BitMapBackend::new(path, (1200, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;

@@ -30,23 +30,23 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Where the process listens and which Redis it subscribes to.
 #[derive(clap::Args, Debug, Clone)]
-pub struct DeliverArgs {
+pub(crate) struct DeliverArgs {
     /// Address to listen on (loopback).
     #[arg(long, default_value = "127.0.0.1:0")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// The Redis the publishers use.
     #[arg(long)]
-    pub redis_url: String,
+    pub(crate) redis_url: String,
     /// Key prefix (the nodes' --channel-prefix).
     #[arg(long, default_value = "herald")]
-    pub channel_prefix: String,
+    pub(crate) channel_prefix: String,
     /// Cookie that carries the client token.
     #[arg(long, default_value = "herald_token")]
-    pub cookie_name: String,
+    pub(crate) cookie_name: String,
 }
 
 /// Runs until the process is killed.
-pub fn run(args: DeliverArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: DeliverArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

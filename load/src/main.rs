@@ -90,7 +90,7 @@ enum Command {
 /// Which protocol dialect the server speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Kind {
+pub(crate) enum Kind {
     /// Herald: JWT cookie, `herald.ready`, `POST /publish` with a JSON envelope.
     Herald,
     /// nchan: no auth, user in the query, raw-body publishing to a channel URL.
@@ -98,7 +98,7 @@ pub enum Kind {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PublishVia {
+pub(crate) enum PublishVia {
     /// The server's HTTP publish API.
     Http,
     /// Straight into Redis with Herald's publish script.
@@ -106,133 +106,133 @@ pub enum PublishVia {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Signal {
+pub(crate) enum Signal {
     Kill,
     Term,
 }
 
 /// Options shared by every scenario.
 #[derive(Args, Debug, Clone)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// Base URL of a server (repeatable: clients are spread round robin and
     /// reconnect to the next one).
     #[arg(short = 't', long = "target", default_value = "http://127.0.0.1:8080")]
-    pub targets: Vec<String>,
+    pub(crate) targets: Vec<String>,
     #[arg(long, value_enum, default_value_t = Kind::Herald)]
-    pub kind: Kind,
+    pub(crate) kind: Kind,
     /// Concurrent SSE connections (one user each).
     #[arg(short = 'n', long, default_value_t = 1000)]
-    pub connections: u64,
+    pub(crate) connections: u64,
     /// Messages to publish.
     #[arg(short = 'm', long, default_value_t = 200)]
-    pub messages: u64,
+    pub(crate) messages: u64,
     /// Publish rate, messages per second (0: as fast as possible).
     #[arg(short = 'r', long, default_value_t = 20.0)]
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// Who receives the messages in churn and failover (default broadcast).
     #[arg(long, value_enum)]
-    pub fanout: Option<Fanout>,
+    pub(crate) fanout: Option<Fanout>,
     /// New connections per second during the ramp (all workers together).
     #[arg(long, default_value_t = 2000.0)]
-    pub ramp: f64,
+    pub(crate) ramp: f64,
     /// How long `idle` holds the connections.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     /// Pause between the ramp and publishing.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    pub settle: Duration,
+    pub(crate) settle: Duration,
     /// Longest wait for the last deliveries after the last publish.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
-    pub drain: Duration,
+    pub(crate) drain: Duration,
     /// HS256 secret to mint client (and publisher) tokens with.
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
+    pub(crate) jwt_secret: Option<String>,
     #[arg(long, default_value = "2h", value_parser = parse_duration)]
-    pub token_ttl: Duration,
+    pub(crate) token_ttl: Duration,
     /// Cookie that carries the client token, as a browser sends it.
     #[arg(long, default_value = "herald_token")]
-    pub cookie_name: String,
+    pub(crate) cookie_name: String,
     /// Subscriber path; `{user}` is replaced [herald: /events, nchan: /events?user={user}].
     #[arg(long)]
-    pub events_path: Option<String>,
+    pub(crate) events_path: Option<String>,
     /// Event that marks a stream caught up; "" for none (the 200 head)
     /// [herald: herald.ready, nchan: none].
     #[arg(long)]
-    pub ready_event: Option<String>,
+    pub(crate) ready_event: Option<String>,
     #[arg(long, value_enum, default_value_t = PublishVia::Http)]
-    pub publish: PublishVia,
+    pub(crate) publish: PublishVia,
     /// Base URL to publish to (repeatable, round robin) [default: the targets].
     #[arg(long = "publish-url")]
-    pub publish_urls: Vec<String>,
+    pub(crate) publish_urls: Vec<String>,
     /// Publish path; `{channel}` is replaced [herald: /publish, nchan: /pub?id={channel}].
     #[arg(long)]
-    pub publish_path: Option<String>,
+    pub(crate) publish_path: Option<String>,
     /// Publish requests in flight at once (1 keeps broadcast order).
     #[arg(long, default_value_t = 1)]
-    pub publish_concurrency: usize,
+    pub(crate) publish_concurrency: usize,
     /// Bearer token for publishing [default: minted with --jwt-secret,
     /// publish claim user:* and broadcast].
     #[arg(long)]
-    pub publish_token: Option<String>,
+    pub(crate) publish_token: Option<String>,
     /// Redis for `--publish redis`.
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    pub(crate) redis_url: String,
     #[arg(long, default_value = "herald")]
-    pub channel_prefix: String,
+    pub(crate) channel_prefix: String,
     /// History size passed to the publish script (the nodes' --history-size).
     #[arg(long, default_value_t = 1000)]
-    pub history_size: u64,
+    pub(crate) history_size: u64,
     /// History TTL passed to the publish script (the nodes' --history-ttl).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    pub history_ttl: Duration,
+    pub(crate) history_ttl: Duration,
     /// Loopback source addresses to spread connections over: 127.0.0.2 up
     /// to 127.0.0.(N+1); 0 lets the kernel choose.
     #[arg(long, default_value_t = 16)]
-    pub source_addrs: usize,
+    pub(crate) source_addrs: usize,
     /// Most connections per worker process (each may hold ≤ 20,000 files).
     #[arg(long, default_value_t = 15_000)]
-    pub per_process: u64,
+    pub(crate) per_process: u64,
     /// Worker processes [default: enough for --per-process].
     #[arg(long)]
-    pub workers: Option<usize>,
+    pub(crate) workers: Option<usize>,
     /// A server process to sample for RSS and CPU (repeatable).
     #[arg(long = "server-pid")]
-    pub server_pids: Vec<u32>,
+    pub(crate) server_pids: Vec<u32>,
     /// Churn: forced disconnect + resume per second (all workers together).
     #[arg(long, default_value_t = 50.0)]
-    pub churn_rate: f64,
+    pub(crate) churn_rate: f64,
     /// Failover: the server PID to signal (only one you started).
     #[arg(long)]
-    pub kill_pid: Option<u32>,
+    pub(crate) kill_pid: Option<u32>,
     #[arg(long, value_enum, default_value_t = Signal::Term)]
-    pub kill_signal: Signal,
+    pub(crate) kill_signal: Signal,
     /// Failover: when to signal, after publishing starts [default: 40% in].
     #[arg(long, value_parser = parse_duration)]
-    pub kill_after: Option<Duration>,
+    pub(crate) kill_after: Option<Duration>,
     /// Fixed reconnect delay instead of the server's `retry:`.
     #[arg(long, value_parser = parse_duration)]
-    pub retry: Option<Duration>,
+    pub(crate) retry: Option<Duration>,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// A name for this run in reports (e.g. "herald 3 nodes").
     #[arg(long)]
-    pub label: Option<String>,
+    pub(crate) label: Option<String>,
     /// Print the report as JSON instead of the table.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// Also write the JSON report to this file.
     #[arg(long)]
-    pub json_out: Option<PathBuf>,
+    pub(crate) json_out: Option<PathBuf>,
     /// Write a PNG chart: latency distribution and deliveries/s over time.
     #[arg(long)]
-    pub chart: Option<PathBuf>,
+    pub(crate) chart: Option<PathBuf>,
     /// No progress display.
     #[arg(short, long)]
-    pub quiet: bool,
+    pub(crate) quiet: bool,
 }
 
 /// Durations as the server reads them (`500ms`, `15s`, `2m`, `24h`).
-pub use herald::config::parse_duration;
+pub(crate) use herald::config::parse_duration;
 
 fn main() {
     let cli = Cli::parse();

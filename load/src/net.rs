@@ -15,18 +15,18 @@ use crate::wire::{parse_head, BodyDecoder, Framing};
 
 /// A server to connect to: `http://host:port` with an optional path prefix.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Target {
+pub(crate) struct Target {
     /// The URL as given, for reports.
-    pub url: String,
-    pub addr: SocketAddr,
+    pub(crate) url: String,
+    pub(crate) addr: SocketAddr,
     /// `Host` header value.
-    pub host: String,
+    pub(crate) host: String,
     /// Path prefix without a trailing slash ("" for none).
-    pub prefix: String,
+    pub(crate) prefix: String,
 }
 
 impl Target {
-    pub fn parse(url: &str) -> anyhow::Result<Target> {
+    pub(crate) fn parse(url: &str) -> anyhow::Result<Target> {
         let rest = url
             .strip_prefix("http://")
             .with_context(|| format!("{url}: only http:// URLs are supported"))?;
@@ -59,7 +59,7 @@ impl Target {
 }
 
 /// Checks a `redis://` URL points at this machine.
-pub fn check_redis_url(url: &str) -> anyhow::Result<()> {
+pub(crate) fn check_redis_url(url: &str) -> anyhow::Result<()> {
     let rest = url
         .strip_prefix("redis://")
         .with_context(|| format!("{url}: expected redis://"))?;
@@ -83,7 +83,7 @@ pub fn check_redis_url(url: &str) -> anyhow::Result<()> {
 /// Connects from `source` (a loopback alias such as 127.0.0.7) when given,
 /// so tens of thousands of connections do not exhaust one address's
 /// ephemeral ports.
-pub async fn connect(
+pub(crate) async fn connect(
     addr: SocketAddr,
     source: Option<Ipv4Addr>,
     timeout: Duration,
@@ -103,26 +103,26 @@ pub async fn connect(
 }
 
 /// A keep-alive HTTP/1.1 connection for request/response exchanges.
-pub struct HttpConn {
+pub(crate) struct HttpConn {
     stream: TcpStream,
     buf: Vec<u8>,
 }
 
 /// A complete response.
 #[derive(Debug)]
-pub struct Response {
-    pub status: u16,
-    pub body: Vec<u8>,
-    pub keep_alive: bool,
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) body: Vec<u8>,
+    pub(crate) keep_alive: bool,
 }
 
 /// A request that went out (perhaps only in part) without a complete
 /// response coming back: the server may or may not have acted on it.
 #[derive(Debug)]
-pub struct RequestError(pub String);
+pub(crate) struct RequestError(pub String);
 
 impl HttpConn {
-    pub async fn open(addr: SocketAddr, timeout: Duration) -> std::io::Result<HttpConn> {
+    pub(crate) async fn open(addr: SocketAddr, timeout: Duration) -> std::io::Result<HttpConn> {
         Ok(HttpConn {
             stream: connect(addr, None, timeout).await?,
             buf: Vec::with_capacity(4096),
@@ -130,7 +130,7 @@ impl HttpConn {
     }
 
     /// Sends one request (already serialized) and reads its response.
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &mut self,
         request: &[u8],
         timeout: Duration,
@@ -193,7 +193,7 @@ impl HttpConn {
     }
 }
 
-pub fn unix_now_us() -> u64 {
+pub(crate) fn unix_now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -209,7 +209,7 @@ struct Claims<'a> {
 }
 
 /// Mints an HS256 token like an application would for its users.
-pub fn mint_token(
+pub(crate) fn mint_token(
     secret: &str,
     sub: &str,
     ttl: Duration,

@@ -5,14 +5,14 @@ use std::sync::OnceLock;
 
 /// A process's resident set and CPU time at one instant.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Sample {
-    pub rss_kib: u64,
+pub(crate) struct Sample {
+    pub(crate) rss_kib: u64,
     /// utime + stime, in seconds.
-    pub cpu_s: f64,
+    pub(crate) cpu_s: f64,
 }
 
 /// Clock ticks per second for `/proc/<pid>/stat` (`getconf CLK_TCK`).
-pub fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     static TICKS: OnceLock<f64> = OnceLock::new();
     *TICKS.get_or_init(|| {
         std::process::Command::new("getconf")
@@ -27,7 +27,7 @@ pub fn clock_ticks() -> f64 {
 }
 
 /// Reads one process; `None` once it is gone.
-pub fn sample(pid: u32) -> Option<Sample> {
+pub(crate) fn sample(pid: u32) -> Option<Sample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     Some(Sample {
@@ -37,7 +37,7 @@ pub fn sample(pid: u32) -> Option<Sample> {
 }
 
 /// `VmRSS:  12345 kB` from `/proc/<pid>/status`.
-pub fn parse_vm_rss(status: &str) -> Option<u64> {
+pub(crate) fn parse_vm_rss(status: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -48,7 +48,7 @@ pub fn parse_vm_rss(status: &str) -> Option<u64> {
 /// utime + stime (fields 14 and 15) from `/proc/<pid>/stat`. The command
 /// name (field 2) may hold spaces and parentheses, so fields are counted
 /// from the last `)`.
-pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+pub(crate) fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     let after = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = after.split_whitespace().collect();
     // `after` starts at field 3 (state): utime is field 14 → index 11.

@@ -14,7 +14,7 @@ use crate::net::Target;
 /// Who receives message `k`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum Fanout {
+pub(crate) enum Fanout {
     /// Every connection (channel `broadcast`).
     Broadcast,
     /// User `u(k mod N)` (channel `user:u<k mod N>`).
@@ -23,41 +23,41 @@ pub enum Fanout {
 
 /// Everything a worker needs to run its share of the clients.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkerPlan {
-    pub index: usize,
+pub(crate) struct WorkerPlan {
+    pub(crate) index: usize,
     /// Global index of this worker's first client; it runs `clients` of them.
-    pub first_client: u64,
-    pub clients: u64,
+    pub(crate) first_client: u64,
+    pub(crate) clients: u64,
     /// All clients of the run (the unicast stride).
-    pub total_clients: u64,
-    pub fanout: Fanout,
+    pub(crate) total_clients: u64,
+    pub(crate) fanout: Fanout,
     /// Messages in the run (bounds the per-client bitmaps).
-    pub messages: u64,
-    pub targets: Vec<Target>,
+    pub(crate) messages: u64,
+    pub(crate) targets: Vec<Target>,
     /// Request path; `{user}` is replaced by the client's user id.
-    pub events_path: String,
-    pub jwt_secret: Option<String>,
-    pub token_ttl_s: u64,
-    pub cookie_name: String,
+    pub(crate) events_path: String,
+    pub(crate) jwt_secret: Option<String>,
+    pub(crate) token_ttl_s: u64,
+    pub(crate) cookie_name: String,
     /// Event that marks a stream as caught up; `None`: the 200 head does.
-    pub ready_event: Option<String>,
-    pub source_addrs: Vec<Ipv4Addr>,
+    pub(crate) ready_event: Option<String>,
+    pub(crate) source_addrs: Vec<Ipv4Addr>,
     /// This worker's share of the connection ramp.
-    pub ramp_per_s: f64,
+    pub(crate) ramp_per_s: f64,
     /// This worker's share of forced reconnects per second (churn).
-    pub churn_per_s: f64,
+    pub(crate) churn_per_s: f64,
     /// Fixed reconnect delay instead of the server's `retry:`.
-    pub retry_ms: Option<u64>,
-    pub connect_timeout_ms: u64,
+    pub(crate) retry_ms: Option<u64>,
+    pub(crate) connect_timeout_ms: u64,
     /// Unix microseconds the run started at (seeds, until `Start` moves
     /// the per-second series' origin to the start of publishing).
-    pub epoch_us: u64,
-    pub report_ms: u64,
+    pub(crate) epoch_us: u64,
+    pub(crate) report_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum ToWorker {
+pub(crate) enum ToWorker {
     /// Publishing begins (at unix µs `at_us`): clients ready now are the
     /// ones accounted for, and the per-second series counts from here.
     Start { at_us: u64 },
@@ -67,7 +67,7 @@ pub enum ToWorker {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
-pub enum FromWorker {
+pub(crate) enum FromWorker {
     Progress(Progress),
     /// Every client has connected or failed at least once.
     RampDone,
@@ -76,39 +76,39 @@ pub enum FromWorker {
 
 /// Live counters, sent every `report_ms`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Progress {
-    pub connected: u64,
-    pub ready: u64,
+pub(crate) struct Progress {
+    pub(crate) connected: u64,
+    pub(crate) ready: u64,
     /// Clients that were ready when publishing started.
-    pub accounted: u64,
+    pub(crate) accounted: u64,
     /// Distinct messages received (all clients).
-    pub delivered: u64,
-    pub duplicates: u64,
-    pub disconnects: u64,
-    pub errors: u64,
+    pub(crate) delivered: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) disconnects: u64,
+    pub(crate) errors: u64,
 }
 
 /// Counters that only matter at the end.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Counters {
-    pub connect_attempts: u64,
-    pub connect_failures: u64,
-    pub disconnects: u64,
+pub(crate) struct Counters {
+    pub(crate) connect_attempts: u64,
+    pub(crate) connect_failures: u64,
+    pub(crate) disconnects: u64,
     /// Reconnects forced by the churn scenario.
-    pub churned: u64,
-    pub resumed_with_cursor: u64,
-    pub heartbeats: u64,
-    pub resets: u64,
-    pub expired: u64,
+    pub(crate) churned: u64,
+    pub(crate) resumed_with_cursor: u64,
+    pub(crate) heartbeats: u64,
+    pub(crate) resets: u64,
+    pub(crate) expired: u64,
     /// Events that carried no `seq` payload (other than Herald's own).
-    pub foreign_events: u64,
+    pub(crate) foreign_events: u64,
     /// Clients never ready before publishing started.
-    pub late_clients: u64,
-    pub never_ready: u64,
+    pub(crate) late_clients: u64,
+    pub(crate) never_ready: u64,
 }
 
 impl Counters {
-    pub fn add(&mut self, o: &Counters) {
+    pub(crate) fn add(&mut self, o: &Counters) {
         self.connect_attempts += o.connect_attempts;
         self.connect_failures += o.connect_failures;
         self.disconnects += o.disconnects;
@@ -125,33 +125,33 @@ impl Counters {
 
 /// A worker's final account.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkerResult {
-    pub tally: Tally,
-    pub counters: Counters,
-    pub errors: BTreeMap<String, u64>,
+pub(crate) struct WorkerResult {
+    pub(crate) tally: Tally,
+    pub(crate) counters: Counters,
+    pub(crate) errors: BTreeMap<String, u64>,
     /// Latency of live deliveries, µs.
-    pub latency: Hist,
+    pub(crate) latency: Hist,
     /// Latency of messages replayed after a reconnect, µs.
-    pub replay_latency: Hist,
+    pub(crate) replay_latency: Hist,
     /// TCP connect + response head, µs (first connection of each client).
-    pub connect: Hist,
+    pub(crate) connect: Hist,
     /// Connect to ready event, µs (first connection of each client).
-    pub ready: Hist,
+    pub(crate) ready: Hist,
     /// Disconnect to ready again, µs.
-    pub reconnect_gap: Hist,
+    pub(crate) reconnect_gap: Hist,
     /// Deliveries in each second since publishing started.
-    pub per_second: Vec<u64>,
+    pub(crate) per_second: Vec<u64>,
     /// Unix µs of the first and last delivery (0 if none).
-    pub first_delivery_us: u64,
-    pub last_delivery_us: u64,
+    pub(crate) first_delivery_us: u64,
+    pub(crate) last_delivery_us: u64,
 }
 
 /// A histogram in transit: (value, count) pairs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Hist(pub Vec<(u64, u64)>);
+pub(crate) struct Hist(pub Vec<(u64, u64)>);
 
 impl Hist {
-    pub fn from_histogram(h: &Histogram<u64>) -> Hist {
+    pub(crate) fn from_histogram(h: &Histogram<u64>) -> Hist {
         Hist(
             h.iter_recorded()
                 .map(|v| (v.value_iterated_to(), v.count_at_value()))
@@ -159,7 +159,7 @@ impl Hist {
         )
     }
 
-    pub fn add_to(&self, h: &mut Histogram<u64>) {
+    pub(crate) fn add_to(&self, h: &mut Histogram<u64>) {
         for &(v, n) in &self.0 {
             // Values were recorded into a histogram of the same bounds.
             let _ = h.record_n(v.min(h.high()), n);
@@ -168,6 +168,6 @@ impl Hist {
 }
 
 /// Microsecond histograms up to an hour, 3 significant digits.
-pub fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds are valid")
 }

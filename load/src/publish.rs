@@ -21,7 +21,7 @@ use crate::Kind;
 /// Herald's publish script, the one its nodes and `herald::Publisher` use.
 const PUBLISH_SCRIPT: &str = herald::broker::redis::PUBLISH_SCRIPT;
 
-pub enum Via {
+pub(crate) enum Via {
     Http {
         kind: Kind,
         urls: Vec<Target>,
@@ -38,13 +38,13 @@ pub enum Via {
     },
 }
 
-pub struct PublishPlan {
-    pub via: Via,
-    pub messages: u64,
-    pub rate: f64,
-    pub concurrency: usize,
-    pub fanout: Fanout,
-    pub total_clients: u64,
+pub(crate) struct PublishPlan {
+    pub(crate) via: Via,
+    pub(crate) messages: u64,
+    pub(crate) rate: f64,
+    pub(crate) concurrency: usize,
+    pub(crate) fanout: Fanout,
+    pub(crate) total_clients: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,22 +56,22 @@ enum Outcome {
 }
 
 /// What the publisher did.
-pub struct Published {
-    pub attempted: u64,
-    pub confirmed: u64,
+pub(crate) struct Published {
+    pub(crate) attempted: u64,
+    pub(crate) confirmed: u64,
     /// Sorted sequence numbers not to expect (failed or uncertain).
-    pub excluded: Vec<u64>,
-    pub failed: u64,
-    pub uncertain: u64,
-    pub started: Instant,
-    pub finished: Instant,
+    pub(crate) excluded: Vec<u64>,
+    pub(crate) failed: u64,
+    pub(crate) uncertain: u64,
+    pub(crate) started: Instant,
+    pub(crate) finished: Instant,
     /// Request round trip, µs.
-    pub rtt: Histogram<u64>,
-    pub first_error: Option<String>,
+    pub(crate) rtt: Histogram<u64>,
+    pub(crate) first_error: Option<String>,
 }
 
 /// Live count of messages sent, for the progress display.
-pub type SentCounter = Arc<AtomicU64>;
+pub(crate) type SentCounter = Arc<AtomicU64>;
 
 struct State {
     outcomes: Mutex<Vec<Outcome>>,
@@ -93,14 +93,14 @@ impl State {
     }
 }
 
-pub fn channel_for(plan: &PublishPlan, k: u64) -> String {
+pub(crate) fn channel_for(plan: &PublishPlan, k: u64) -> String {
     match plan.fanout {
         Fanout::Broadcast => "broadcast".to_string(),
         Fanout::Unicast => format!("user:u{}", k % plan.total_clients.max(1)),
     }
 }
 
-pub async fn run(plan: Arc<PublishPlan>, sent: SentCounter) -> anyhow::Result<Published> {
+pub(crate) async fn run(plan: Arc<PublishPlan>, sent: SentCounter) -> anyhow::Result<Published> {
     let state = Arc::new(State {
         outcomes: Mutex::new(vec![Outcome::Pending; plan.messages as usize]),
         rtt: Mutex::new(new_histogram()),

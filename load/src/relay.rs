@@ -22,26 +22,26 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Where the relay listens and what it writes to Redis.
 #[derive(clap::Args, Debug, Clone)]
-pub struct RelayArgs {
+pub(crate) struct RelayArgs {
     /// Address to listen on (loopback).
     #[arg(long, default_value = "127.0.0.1:0")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// The Redis the nodes use.
     #[arg(long)]
-    pub redis_url: String,
+    pub(crate) redis_url: String,
     /// Key prefix (the nodes' --channel-prefix).
     #[arg(long, default_value = "herald")]
-    pub channel_prefix: String,
+    pub(crate) channel_prefix: String,
     /// History size passed to the publish script.
     #[arg(long, default_value_t = 1000)]
-    pub history_size: u64,
+    pub(crate) history_size: u64,
     /// History TTL passed to the publish script.
     #[arg(long, default_value = "24h", value_parser = crate::parse_duration)]
-    pub history_ttl: std::time::Duration,
+    pub(crate) history_ttl: std::time::Duration,
 }
 
 /// Runs the relay until the process is killed.
-pub fn run(args: RelayArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: RelayArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -11,18 +11,18 @@ use crate::account::Tally;
 
 /// Percentiles of a µs histogram, in milliseconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Pcts {
-    pub count: u64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
-    pub mean: f64,
+pub(crate) struct Pcts {
+    pub(crate) count: u64,
+    pub(crate) p50: f64,
+    pub(crate) p90: f64,
+    pub(crate) p99: f64,
+    pub(crate) p999: f64,
+    pub(crate) max: f64,
+    pub(crate) mean: f64,
 }
 
 impl Pcts {
-    pub fn of(h: &Histogram<u64>) -> Pcts {
+    pub(crate) fn of(h: &Histogram<u64>) -> Pcts {
         if h.is_empty() {
             return Pcts::default();
         }
@@ -40,135 +40,135 @@ impl Pcts {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Report {
-    pub scenario: String,
-    pub label: Option<String>,
+pub(crate) struct Report {
+    pub(crate) scenario: String,
+    pub(crate) label: Option<String>,
     /// `herald` or `nchan`.
-    pub kind: String,
-    pub targets: Vec<String>,
-    pub command: String,
-    pub started_unix: u64,
-    pub connections: u64,
-    pub workers: usize,
-    pub source_addrs: usize,
-    pub fanout: String,
-    pub messages: u64,
-    pub rate: f64,
-    pub publish_via: String,
-    pub connect: ConnectReport,
-    pub publish: Option<PublishReport>,
-    pub delivery: DeliveryReport,
+    pub(crate) kind: String,
+    pub(crate) targets: Vec<String>,
+    pub(crate) command: String,
+    pub(crate) started_unix: u64,
+    pub(crate) connections: u64,
+    pub(crate) workers: usize,
+    pub(crate) source_addrs: usize,
+    pub(crate) fanout: String,
+    pub(crate) messages: u64,
+    pub(crate) rate: f64,
+    pub(crate) publish_via: String,
+    pub(crate) connect: ConnectReport,
+    pub(crate) publish: Option<PublishReport>,
+    pub(crate) delivery: DeliveryReport,
     /// End-to-end latency of live deliveries (publish call → parsed by the
     /// client).
-    pub latency_ms: Pcts,
+    pub(crate) latency_ms: Pcts,
     /// Latency of messages replayed after a reconnect (from their publish).
-    pub replay_latency_ms: Pcts,
-    pub reconnects: ReconnectReport,
-    pub servers: Vec<ServerReport>,
-    pub server_total: ServerTotals,
-    pub load: LoadReport,
-    pub failover: Option<FailoverReport>,
+    pub(crate) replay_latency_ms: Pcts,
+    pub(crate) reconnects: ReconnectReport,
+    pub(crate) servers: Vec<ServerReport>,
+    pub(crate) server_total: ServerTotals,
+    pub(crate) load: LoadReport,
+    pub(crate) failover: Option<FailoverReport>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ConnectReport {
+pub(crate) struct ConnectReport {
     /// Clients ready when publishing started (or at the end of the ramp).
-    pub ready: u64,
-    pub never_ready: u64,
+    pub(crate) ready: u64,
+    pub(crate) never_ready: u64,
     /// Ready only after publishing started: not accounted.
-    pub late: u64,
-    pub attempts: u64,
-    pub failures: u64,
-    pub errors: BTreeMap<String, u64>,
+    pub(crate) late: u64,
+    pub(crate) attempts: u64,
+    pub(crate) failures: u64,
+    pub(crate) errors: BTreeMap<String, u64>,
     /// TCP connect + response head.
-    pub connect_ms: Pcts,
+    pub(crate) connect_ms: Pcts,
     /// Until the stream is caught up (`herald.ready`), or the head.
-    pub ready_ms: Pcts,
-    pub ramp_s: f64,
+    pub(crate) ready_ms: Pcts,
+    pub(crate) ramp_s: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PublishReport {
-    pub attempted: u64,
-    pub confirmed: u64,
-    pub failed: u64,
-    pub uncertain: u64,
-    pub duration_s: f64,
+pub(crate) struct PublishReport {
+    pub(crate) attempted: u64,
+    pub(crate) confirmed: u64,
+    pub(crate) failed: u64,
+    pub(crate) uncertain: u64,
+    pub(crate) duration_s: f64,
     /// Messages per second actually achieved.
-    pub rate: f64,
-    pub rtt_ms: Pcts,
-    pub first_error: Option<String>,
+    pub(crate) rate: f64,
+    pub(crate) rtt_ms: Pcts,
+    pub(crate) first_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct DeliveryReport {
+pub(crate) struct DeliveryReport {
     #[serde(flatten)]
-    pub tally: Tally,
+    pub(crate) tally: Tally,
     /// Every message event received, duplicates included.
-    pub deliveries: u64,
+    pub(crate) deliveries: u64,
     /// Deliveries over first-to-last delivery.
-    pub per_s: f64,
-    pub peak_per_s: u64,
+    pub(crate) per_s: f64,
+    pub(crate) peak_per_s: u64,
     /// Deliveries in each second since publishing started.
-    pub per_second: Vec<u64>,
+    pub(crate) per_second: Vec<u64>,
     /// Seconds after the run started that publishing began.
-    pub publish_start_s: f64,
+    pub(crate) publish_start_s: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ReconnectReport {
-    pub disconnects: u64,
-    pub churned: u64,
-    pub resumed_with_cursor: u64,
-    pub resets: u64,
-    pub expired: u64,
-    pub heartbeats: u64,
-    pub foreign_events: u64,
+pub(crate) struct ReconnectReport {
+    pub(crate) disconnects: u64,
+    pub(crate) churned: u64,
+    pub(crate) resumed_with_cursor: u64,
+    pub(crate) resets: u64,
+    pub(crate) expired: u64,
+    pub(crate) heartbeats: u64,
+    pub(crate) foreign_events: u64,
     /// Disconnect → ready again.
-    pub gap_ms: Pcts,
+    pub(crate) gap_ms: Pcts,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ServerReport {
-    pub pid: u32,
-    pub rss_before_kib: u64,
-    pub rss_connected_kib: u64,
-    pub rss_end_kib: u64,
+pub(crate) struct ServerReport {
+    pub(crate) pid: u32,
+    pub(crate) rss_before_kib: u64,
+    pub(crate) rss_connected_kib: u64,
+    pub(crate) rss_end_kib: u64,
     /// CPU seconds over the measured window.
-    pub cpu_s: f64,
+    pub(crate) cpu_s: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ServerTotals {
+pub(crate) struct ServerTotals {
     /// (RSS connected − RSS before) / ready connections, all server PIDs:
     /// the memory per connection when the servers started fresh.
-    pub rss_per_connection_bytes: Option<f64>,
-    pub cpu_s: f64,
-    pub cpu_s_per_million: Option<f64>,
+    pub(crate) rss_per_connection_bytes: Option<f64>,
+    pub(crate) cpu_s: f64,
+    pub(crate) cpu_s_per_million: Option<f64>,
     /// Share of one core over the window.
-    pub cpu_percent: f64,
+    pub(crate) cpu_percent: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct LoadReport {
-    pub processes: usize,
-    pub cpu_s: f64,
-    pub cpu_s_per_million: Option<f64>,
-    pub cpu_percent: f64,
-    pub rss_kib: u64,
+pub(crate) struct LoadReport {
+    pub(crate) processes: usize,
+    pub(crate) cpu_s: f64,
+    pub(crate) cpu_s_per_million: Option<f64>,
+    pub(crate) cpu_percent: f64,
+    pub(crate) rss_kib: u64,
     /// The measured window (publishing + drain, or the idle hold).
-    pub window_s: f64,
+    pub(crate) window_s: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct FailoverReport {
-    pub pid: u32,
-    pub signal: String,
+pub(crate) struct FailoverReport {
+    pub(crate) pid: u32,
+    pub(crate) signal: String,
     /// Seconds after publishing started.
-    pub at_s: f64,
-    pub ready_before: u64,
+    pub(crate) at_s: f64,
+    pub(crate) ready_before: u64,
     /// Until as many clients were ready again (None: never within the run).
-    pub recovered_s: Option<f64>,
+    pub(crate) recovered_s: Option<f64>,
 }
 
 fn pcts_row(name: &str, p: &Pcts) -> String {
@@ -183,7 +183,7 @@ fn pcts_row(name: &str, p: &Pcts) -> String {
 
 impl Report {
     /// The human table.
-    pub fn table(&self) -> String {
+    pub(crate) fn table(&self) -> String {
         let mut o = String::new();
         let _ = writeln!(
             o,
@@ -321,7 +321,7 @@ impl Report {
 
 /// A side-by-side markdown table of several reports (same scenario, one
 /// per server), with the ratio of each to the last one (the baseline).
-pub fn markdown(reports: &[Report]) -> String {
+pub(crate) fn markdown(reports: &[Report]) -> String {
     let mut o = String::new();
     if reports.is_empty() {
         return o;

@@ -33,7 +33,7 @@ use crate::report::{
 use crate::{Kind, PublishVia, RunArgs, Signal};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scenario {
+pub(crate) enum Scenario {
     Idle,
     Broadcast,
     Unicast,
@@ -53,7 +53,7 @@ impl Scenario {
     }
 }
 
-pub fn main(scenario: Scenario, args: RunArgs) -> anyhow::Result<()> {
+pub(crate) fn main(scenario: Scenario, args: RunArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -17,11 +17,11 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Largest chunk-size line (with extensions) or trailer line.
 const MAX_CHUNK_LINE: usize = 4096;
 /// Largest SSE line or event data we buffer; far above any payload here.
-pub const MAX_SSE_LINE: usize = 1024 * 1024;
+pub(crate) const MAX_SSE_LINE: usize = 1024 * 1024;
 
 /// Why a stream could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WireError(pub String);
+pub(crate) struct WireError(pub String);
 
 impl fmt::Display for WireError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -37,20 +37,20 @@ fn err<T>(msg: impl Into<String>) -> Result<T, WireError> {
 
 /// A parsed HTTP/1.1 response head.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Head {
-    pub status: u16,
+pub(crate) struct Head {
+    pub(crate) status: u16,
     /// Header names are lower-cased; values are trimmed.
-    pub headers: Vec<(String, String)>,
+    pub(crate) headers: Vec<(String, String)>,
     /// How the body that follows is delimited.
-    pub framing: Framing,
+    pub(crate) framing: Framing,
     /// False when the server said `Connection: close` (or spoke HTTP/1.0
     /// without keep-alive): the connection cannot carry another request.
-    pub keep_alive: bool,
+    pub(crate) keep_alive: bool,
 }
 
 impl Head {
     /// The first value of a header, by lower-case name.
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n == name)
@@ -60,7 +60,7 @@ impl Head {
 
 /// How a response body is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
+pub(crate) enum Framing {
     Chunked,
     Length(u64),
     /// Until the server closes the connection.
@@ -72,7 +72,7 @@ pub enum Framing {
 /// Returns `Ok(None)` while the head is incomplete, else the head and the
 /// number of bytes it used (the body starts right after). Interim `1xx`
 /// responses are skipped. Bare LF line ends are accepted, as most clients do.
-pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, WireError> {
+pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, WireError> {
     let mut start = 0;
     loop {
         let rest = &buf[start..];
@@ -199,7 +199,7 @@ fn parse_head_text(text: &[u8]) -> Result<Head, WireError> {
 
 /// Removes the body framing, handing out the payload bytes without copying.
 #[derive(Debug, Clone)]
-pub struct BodyDecoder {
+pub(crate) struct BodyDecoder {
     state: BodyState,
     /// Bytes of the current chunk-size or trailer line (bounded).
     line_len: usize,
@@ -227,7 +227,7 @@ enum BodyState {
 }
 
 impl BodyDecoder {
-    pub fn new(framing: Framing) -> Self {
+    pub(crate) fn new(framing: Framing) -> Self {
         let state = match framing {
             Framing::Chunked => BodyState::ChunkSize,
             Framing::Length(0) => BodyState::Done,
@@ -243,14 +243,14 @@ impl BodyDecoder {
     }
 
     /// True once the whole body has been read (never for until-close).
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.state == BodyState::Done
     }
 
     /// Decodes `input`, passing each run of payload bytes to `sink`.
     /// Returns how many bytes of `input` belong to this body: less than
     /// `input.len()` only when the body ended inside it.
-    pub fn decode(
+    pub(crate) fn decode(
         &mut self,
         input: &[u8],
         sink: &mut impl FnMut(&[u8]),
@@ -378,7 +378,7 @@ impl BodyDecoder {
 
 /// One thing the event stream produced.
 #[derive(Debug, PartialEq, Eq)]
-pub enum SseItem<'a> {
+pub(crate) enum SseItem<'a> {
     /// A dispatched event. `event` is `message` when the stream named none;
     /// `id` is the stream's last event ID at dispatch (what `EventSource`
     /// would send back as `Last-Event-ID`).
@@ -395,7 +395,7 @@ pub enum SseItem<'a> {
 
 /// The `text/event-stream` interpreter, fed with body bytes.
 #[derive(Debug, Default, Clone)]
-pub struct SseParser {
+pub(crate) struct SseParser {
     /// A line split across reads.
     line: Vec<u8>,
     data: Vec<u8>,
@@ -413,18 +413,18 @@ pub struct SseParser {
 const BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
 
 impl SseParser {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// The last event ID, as `EventSource` would resend it.
-    pub fn last_event_id(&self) -> &[u8] {
+    pub(crate) fn last_event_id(&self) -> &[u8] {
         &self.id
     }
 
     /// Starts a new stream (a reconnect) keeping the last event ID, as
     /// `EventSource` does.
-    pub fn reset_keep_id(&mut self) {
+    pub(crate) fn reset_keep_id(&mut self) {
         self.line.clear();
         self.data.clear();
         self.event.clear();
@@ -433,7 +433,7 @@ impl SseParser {
     }
 
     /// Feeds body bytes, calling `f` for every item they complete.
-    pub fn feed(
+    pub(crate) fn feed(
         &mut self,
         mut input: &[u8],
         f: &mut impl FnMut(SseItem<'_>),
@@ -586,7 +586,7 @@ impl SseParser {
 /// Reads `{"seq":K,"sent_us":T}` (any key order, whitespace, extra keys)
 /// without a JSON library: this runs once per delivery, hundreds of
 /// thousands of times a second, on the cores the server also needs.
-pub fn parse_payload(data: &[u8]) -> Option<(u64, u64)> {
+pub(crate) fn parse_payload(data: &[u8]) -> Option<(u64, u64)> {
     Some((json_u64(data, b"\"seq\"")?, json_u64(data, b"\"sent_us\"")?))
 }
 

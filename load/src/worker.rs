@@ -34,7 +34,7 @@ const MAX_ERROR_KINDS: usize = 32;
 const READ_BUF: usize = 8 * 1024;
 
 /// Entry point of `herald-load worker`: the plan is the first stdin line.
-pub fn run() -> anyhow::Result<()> {
+pub(crate) fn run() -> anyhow::Result<()> {
     let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
     let mut line = String::new();
     std::io::stdin()

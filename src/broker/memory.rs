@@ -17,6 +17,7 @@ use serde_json::value::RawValue;
 use super::{BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Store};
 use crate::channel::Channel;
 use crate::envelope::{self, now_ms, StreamId};
+use crate::sync::lock;
 
 /// In-process broker for a single node.
 #[derive(Clone)]
@@ -76,12 +77,6 @@ impl MemoryBroker {
         }
         channels.get_mut(channel)
     }
-}
-
-/// Locks, recovering from poisoning: every critical section leaves the map
-/// consistent, so a panic elsewhere must not take the broker down.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn sweep_expired(shared: Weak<Shared>) {
