@@ -1,0 +1,223 @@
+//! Every way Herald ships to run in containers, really run with podman:
+//! `deploy/Containerfile`'s image, `deploy/compose.yaml` under
+//! podman-compose, and `deploy/kubernetes/` validated against Kubernetes'
+//! schemas and played with `podman kube play`.
+//!
+//! The machine has no container network and no image registry, so every
+//! container uses the host's network (each test passes free ports through
+//! the environment, as a user would pass real ones) and every image is made
+//! locally (`podman.rs`). Each test removes what it started when it ends,
+//! pass or fail. Nothing waits by sleeping: every wait polls with a
+//! deadline.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod podman;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use common::{bearer, parse_listening, publisher_token, request, token, Sse, SECRET, WAIT};
+use podman::{herald_image, podman, Container};
+
+/// How long a container may take to print Herald's listening line.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The uid and gid `deploy/Containerfile` declares for Herald.
+const HERALD_UID: &str = "10001";
+
+/// The drain budget the tests give a node: short, so a node that ignored
+/// SIGTERM (and was killed by `podman stop` after its longer timeout)
+/// shows.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Polls `logs()` until it holds Herald's listening line; returns
+/// (public URL, admin URL) as the node printed them. Panics with the log if
+/// the line does not come within `START_TIMEOUT`.
+async fn wait_listening(logs: impl Fn() -> String) -> (String, String) {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let text = logs();
+        if let Some((public, admin, _)) = text.lines().find_map(parse_listening) {
+            return (public, admin);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no listening line within {START_TIMEOUT:?}; log:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `POST <base>/publish` as the all-powerful publisher; asserts 200.
+async fn publish_via(base: &str, channel: &str, data: Value) -> String {
+    let auth = bearer(&publisher_token());
+    let body = json!({ "channel": channel, "event": "notice", "data": data });
+    let reply = request(
+        Method::POST,
+        &format!("{base}/publish"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        Bytes::from(body.to_string()),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "publish {body}: {}",
+        reply.text()
+    );
+    reply.json()["id"].as_str().expect("publish id").to_string()
+}
+
+/// Opens `<base>/events` as `sub`, waits for `herald.ready`, publishes to
+/// the user through `publish_base` and asserts the stream delivers it.
+/// Returns the open stream.
+async fn stream_and_publish(base: &str, publish_base: &str, sub: &str) -> Sse {
+    let auth = bearer(&token(sub));
+    let mut sse = Sse::connect(&format!("{base}/events"), &[("authorization", &auth)])
+        .await
+        .unwrap_or_else(|r| panic!("GET {base}/events: {} {}", r.status, r.text()));
+    sse.wait_ready(WAIT).await;
+    let text = format!("hello {sub}");
+    publish_via(publish_base, &format!("user:{sub}"), json!(text)).await;
+    let event = sse.next_data(WAIT).await.expect("the published message");
+    assert_eq!((event.name(), event.data()), ("notice", text.as_str()));
+    sse
+}
+
+/// `127.0.0.1:<port>` is listening on every address (0.0.0.0) in the
+/// network namespace of process `pid`, per the kernel's socket table.
+fn listens_on_all_addresses(pid: &str, port: u16) -> bool {
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).expect("read net/tcp");
+    let wanted = format!("00000000:{port:04X}");
+    // Fields: sl, local_address, rem_address, st (0A = LISTEN), ...
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1) == Some(&wanted.as_str()) && fields.get(3) == Some(&"0A")
+    })
+}
+
+/// The `Uid:` / `Gid:` / `CapEff:` lines of `/proc/<pid>/status`.
+fn process_status(pid: &str, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[tokio::test]
+async fn the_image_serves_as_an_unprivileged_user_and_drains_on_podman_stop() {
+    let image = herald_image();
+
+    // What the image declares, for every runtime that reads it.
+    let config: Value = serde_json::from_str(&podman(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config}}",
+        image,
+    ]))
+    .expect("image config is JSON");
+    assert_eq!(config["User"], format!("{HERALD_UID}:{HERALD_UID}"));
+    assert_eq!(config["StopSignal"], "SIGTERM");
+    let env: Vec<&str> = config["Env"]
+        .as_array()
+        .expect("Env")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for wanted in [
+        "HERALD_LISTEN=0.0.0.0:8080",
+        "HERALD_ADMIN_LISTEN=0.0.0.0:9180",
+    ] {
+        assert!(env.contains(&wanted), "image env {env:?} lacks {wanted}");
+    }
+
+    let version = podman(&["run", "--rm", image, "--version"]);
+    assert_eq!(
+        version.trim(),
+        format!("herald {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    // Run it the way deploy/kubernetes/ does: read-only root, no
+    // capabilities, no privilege gain. Host networking, so the listeners
+    // move to free ports, still on every address.
+    let (port, admin_port) = (common::free_port(), common::free_port());
+    let listen = format!("HERALD_LISTEN=0.0.0.0:{port}");
+    let admin_listen = format!("HERALD_ADMIN_LISTEN=0.0.0.0:{admin_port}");
+    let secret = format!("HERALD_JWT_SECRET={SECRET}");
+    let drain = format!("HERALD_DRAIN_TIMEOUT={}s", DRAIN_TIMEOUT.as_secs());
+    let container = Container::run(&[
+        "--read-only",
+        "--cap-drop=ALL",
+        "--security-opt=no-new-privileges",
+        "--env",
+        &listen,
+        "--env",
+        &admin_listen,
+        "--env",
+        &secret,
+        "--env",
+        &drain,
+        image,
+    ]);
+    let (public, admin) = wait_listening(|| container.logs()).await;
+    assert_eq!(public, format!("http://0.0.0.0:{port}"));
+    assert_eq!(admin, format!("http://0.0.0.0:{admin_port}"));
+
+    let pid = container.inspect("{{.State.Pid}}");
+    assert!(
+        listens_on_all_addresses(&pid, port) && listens_on_all_addresses(&pid, admin_port),
+        "herald should listen on 0.0.0.0:{port} and 0.0.0.0:{admin_port}"
+    );
+    let uid = format!("{HERALD_UID} {HERALD_UID} {HERALD_UID} {HERALD_UID}");
+    assert_eq!(
+        process_status(&pid, "Uid:"),
+        uid,
+        "herald's real/effective uids"
+    );
+    assert_eq!(process_status(&pid, "Gid:"), uid, "herald's gids");
+    assert_eq!(process_status(&pid, "CapEff:"), "0000000000000000");
+    assert_eq!(
+        podman(&["exec", &container.name, "id", "-u"]).trim(),
+        HERALD_UID,
+        "a shell in the container is the unprivileged user too"
+    );
+
+    let ready = common::get(&format!("http://127.0.0.1:{admin_port}/readyz")).await;
+    assert_eq!(ready.status, StatusCode::OK, "/readyz: {}", ready.text());
+    let base = format!("http://127.0.0.1:{port}");
+    let mut sse = stream_and_publish(&base, &base, "in-a-container").await;
+
+    // podman stop sends the image's STOPSIGNAL and kills only after its own
+    // timeout, far beyond the drain budget: a clean exit 0 within the
+    // budget is the drain, not the kill.
+    let started = std::time::Instant::now();
+    podman(&["stop", "--time", "60", &container.name]);
+    let took = started.elapsed();
+    let frames = sse
+        .read_to_end(WAIT)
+        .await
+        .expect("the drain ends the open stream");
+    assert!(
+        frames.iter().any(|f| f.retry.is_some()),
+        "the drain tells the client when to reconnect: {frames:?}"
+    );
+    assert_eq!(container.inspect("{{.State.ExitCode}}"), "0");
+    assert!(
+        took < DRAIN_TIMEOUT,
+        "podman stop took {took:?}, more than the {DRAIN_TIMEOUT:?} drain budget"
+    );
+}
