@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use common::{bearer, parse_listening, publisher_token, request, token, Sse, SECRET, WAIT};
-use podman::{herald_image, podman, Container};
+use podman::{herald_image, podman, Compose, Container};
 
 /// How long a container may take to print Herald's listening line.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -219,5 +219,114 @@ async fn the_image_serves_as_an_unprivileged_user_and_drains_on_podman_stop() {
     assert!(
         took < DRAIN_TIMEOUT,
         "podman stop took {took:?}, more than the {DRAIN_TIMEOUT:?} drain budget"
+    );
+}
+
+/// `GET /readyz` on 127.0.0.1:`port` answers 200; false while nothing
+/// listens there yet (the `common` client treats that as a failure).
+async fn ready(port: u16) -> bool {
+    if tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    common::get(&format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .status
+        == StatusCode::OK
+}
+
+#[tokio::test]
+async fn compose_runs_three_nodes_behind_nginx_and_down_leaves_nothing() {
+    let herald = herald_image();
+    let tools = podman::tools_image();
+    let nodes: Vec<(u16, u16)> = (0..3)
+        .map(|_| (common::free_port(), common::free_port()))
+        .collect();
+    let nginx_port = common::free_port();
+    let mut env = vec![
+        ("HERALD_JWT_SECRET", SECRET.to_string()),
+        ("HERALD_IMAGE", herald.to_string()),
+        ("REDIS_IMAGE", tools.to_string()),
+        ("NGINX_IMAGE", tools.to_string()),
+        ("NGINX_PORT", nginx_port.to_string()),
+        ("REDIS_PORT", common::free_port().to_string()),
+    ];
+    let names = [
+        ("HERALD1_PORT", "HERALD1_ADMIN_PORT"),
+        ("HERALD2_PORT", "HERALD2_ADMIN_PORT"),
+        ("HERALD3_PORT", "HERALD3_ADMIN_PORT"),
+    ];
+    for ((public, admin), (public_var, admin_var)) in nodes.iter().zip(names) {
+        env.push((public_var, public.to_string()));
+        env.push((admin_var, admin.to_string()));
+    }
+    let compose = Compose::new(&env);
+
+    // The cluster without the monitoring services, whose images no
+    // registry here serves.
+    compose.run(&[
+        "up",
+        "--detach",
+        "--no-build",
+        "redis",
+        "herald1",
+        "herald2",
+        "herald3",
+        "nginx",
+    ]);
+    for (_, admin) in &nodes {
+        assert!(
+            common::wait_until(START_TIMEOUT, || ready(*admin)).await,
+            "node with admin port {admin} never became ready"
+        );
+    }
+    assert!(
+        common::wait_until(START_TIMEOUT, || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", nginx_port))
+                .await
+                .is_ok()
+        })
+        .await,
+        "nginx never listened on {nginx_port}"
+    );
+
+    // Through nginx, as a browser would; and one client on each node, so a
+    // publish through nginx is seen to reach the whole cluster over Redis.
+    let through_nginx = format!("http://127.0.0.1:{nginx_port}");
+    let _nginx_stream = stream_and_publish(&through_nginx, &through_nginx, "behind-nginx").await;
+    let mut direct = Vec::new();
+    for (i, (public, _)) in nodes.iter().enumerate() {
+        let auth = bearer(&token(&format!("on-node-{i}")));
+        let url = format!("http://127.0.0.1:{public}/events");
+        let mut sse = Sse::connect(&url, &[("authorization", &auth)])
+            .await
+            .unwrap_or_else(|r| panic!("GET {url}: {} {}", r.status, r.text()));
+        sse.wait_ready(WAIT).await;
+        direct.push(sse);
+    }
+    publish_via(&through_nginx, "broadcast", json!("to everyone")).await;
+    for sse in &mut direct {
+        let event = sse.next_data(WAIT).await.expect("the broadcast");
+        assert_eq!(event.data(), "to everyone");
+    }
+
+    // stop drains every node (exit 0, not killed); down removes it all.
+    compose.run(&["stop"]);
+    for service in ["herald1", "herald2", "herald3"] {
+        let code = podman(&[
+            "inspect",
+            "--format",
+            "{{.State.ExitCode}}",
+            &compose.container(service),
+        ]);
+        assert_eq!(code.trim(), "0", "{service} exit code after compose stop");
+    }
+    compose.run(&["down"]);
+    assert_eq!(
+        podman::containers_labelled(&compose.label()),
+        Vec::<String>::new(),
+        "containers left after down"
     );
 }

@@ -38,6 +38,28 @@ pub(crate) fn here() -> PathBuf {
     repo().join("tests/containers")
 }
 
+/// Where the tests keep what outlives a run: the base image's tarball and
+/// the Python tools' venv (tests/run creates it).
+pub(crate) fn cache_dir() -> PathBuf {
+    match std::env::var_os("HERALD_TEST_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join(".cache/herald-tests"),
+    }
+}
+
+/// A program from the tests' venv (podman-compose, kubernetes-validate).
+pub(crate) fn venv_tool(name: &str) -> PathBuf {
+    let tool = cache_dir().join("venv/bin").join(name);
+    assert!(
+        tool.exists(),
+        "{} is missing: tests/run installs it (a venv in {})",
+        tool.display(),
+        cache_dir().display()
+    );
+    tool
+}
+
 /// `program args...` with the tests' podman config, killed after
 /// `CALL_TIMEOUT`; stdout and stderr captured.
 pub(crate) fn command(program: impl AsRef<Path>, args: &[&str]) -> Command {
@@ -112,6 +134,7 @@ pub(crate) fn herald_image() -> &'static str {
         checked(strip);
         let context = context.path().to_str().expect("utf-8 temp path");
         let containerfile = repo().join("deploy/Containerfile");
+        let previous = podman_quiet(&["image", "inspect", "--format", "{{.Id}}", HERALD_IMAGE]);
         podman(&[
             "build",
             "--quiet",
@@ -127,8 +150,51 @@ pub(crate) fn herald_image() -> &'static str {
             HERALD_IMAGE,
             context,
         ]);
+        // Each run's binary differs: drop the image the tag moved away from,
+        // or every run would leave one behind.
+        let previous = String::from_utf8_lossy(&previous.stdout).trim().to_string();
+        let current = podman(&["image", "inspect", "--format", "{{.Id}}", HERALD_IMAGE]);
+        if !previous.is_empty() && previous != current.trim() {
+            let _ = podman_quiet(&["rmi", &previous]);
+        }
     });
     HERALD_IMAGE
+}
+
+/// Redis and nginx from Debian's packages on the base image
+/// (`Containerfile.tools`), built only when no image of this
+/// Containerfile's hash exists yet.
+pub(crate) fn tools_image() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let base = base_image();
+        let file = here().join("Containerfile.tools");
+        let text = std::fs::read(&file).expect("read Containerfile.tools");
+        let image = format!("localhost/herald-test-tools:{:016x}", fnv1a(&text));
+        if !podman_quiet(&["image", "exists", &image]).status.success() {
+            podman(&[
+                "build",
+                "--quiet",
+                "--network",
+                "host",
+                "--file",
+                file.to_str().expect("utf-8 path"),
+                "--build-arg",
+                &format!("BASE_IMAGE={base}"),
+                "--tag",
+                &image,
+                here().to_str().expect("utf-8 path"),
+            ]);
+        }
+        image
+    })
+}
+
+/// FNV-1a, 64 bits: a stable content hash for an image tag.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -186,5 +252,102 @@ impl Drop for Container {
             eprintln!("--- container {} log ---\n{}", self.name, self.logs());
         }
         let _ = podman_quiet(&["rm", "--force", "--time", "0", &self.name]);
+    }
+}
+
+/// Every container carrying `label` (`key=value`), running or not.
+pub(crate) fn containers_labelled(label: &str) -> Vec<String> {
+    let out = podman_quiet(&[
+        "ps",
+        "--all",
+        "--filter",
+        &format!("label={label}"),
+        "--format",
+        "{{.Names}}",
+    ]);
+    assert!(
+        out.status.success() || std::thread::panicking(),
+        "podman ps failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A `deploy/compose.yaml` project brought up by podman-compose under a
+/// unique project name, with the environment the test gives it. Dropping
+/// it takes the project down and removes anything still carrying its
+/// label.
+pub(crate) struct Compose {
+    pub(crate) project: String,
+    env: Vec<(String, String)>,
+}
+
+impl Compose {
+    /// A project named `<unique>` with `env` (ports, images, secret).
+    pub(crate) fn new(env: &[(&str, String)]) -> Compose {
+        Compose {
+            project: unique("herald-compose"),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// `podman-compose -f deploy/compose.yaml -p <project> args...`.
+    pub(crate) fn run(&self, args: &[&str]) -> String {
+        let file = repo().join("deploy/compose.yaml");
+        let mut all = vec![
+            "-f",
+            file.to_str().expect("utf-8 path"),
+            "-p",
+            &self.project,
+        ];
+        all.extend_from_slice(args);
+        let mut cmd = command(venv_tool("podman-compose"), &all);
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("HERALD") {
+                cmd.env_remove(&*key);
+            }
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        checked(cmd)
+    }
+
+    /// The label podman-compose puts on every container of the project.
+    pub(crate) fn label(&self) -> String {
+        format!("io.podman.compose.project={}", self.project)
+    }
+
+    /// The container of `service` (podman-compose's `<project>_<service>_1`).
+    pub(crate) fn container(&self, service: &str) -> String {
+        format!("{}_{service}_1", self.project)
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        let leftovers = containers_labelled(&self.label());
+        if leftovers.is_empty() {
+            return;
+        }
+        if std::thread::panicking() {
+            for name in &leftovers {
+                let out = podman_quiet(&["logs", "--tail", "40", name]);
+                eprintln!(
+                    "--- {name} log ---\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        let mut args = vec!["rm", "--force", "--time", "0"];
+        args.extend(leftovers.iter().map(String::as_str));
+        let _ = podman_quiet(&args);
+        let _ = podman_quiet(&["pod", "rm", "--force", &format!("pod_{}", self.project)]);
     }
 }
