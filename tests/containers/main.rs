@@ -17,6 +17,7 @@ mod podman;
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -328,5 +329,188 @@ async fn compose_runs_three_nodes_behind_nginx_and_down_leaves_nothing() {
         podman::containers_labelled(&compose.label()),
         Vec::<String>::new(),
         "containers left after down"
+    );
+}
+
+/// The files `deploy/kubernetes/kustomization.yaml` lists as resources.
+fn kustomize_resources() -> Vec<String> {
+    let text = std::fs::read_to_string(podman::repo().join("deploy/kubernetes/kustomization.yaml"))
+        .expect("read kustomization.yaml");
+    let mut in_resources = false;
+    let mut files = Vec::new();
+    for line in text.lines() {
+        if !line.starts_with(' ') && !line.starts_with('-') {
+            in_resources = line.trim_end() == "resources:";
+            continue;
+        }
+        if in_resources {
+            if let Some(file) = line.trim().strip_prefix("- ") {
+                files.push(file.to_string());
+            }
+        }
+    }
+    files
+}
+
+#[test]
+fn every_kubernetes_manifest_validates_against_current_kubernetes() {
+    let dir = podman::repo().join("deploy/kubernetes");
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .expect("read deploy/kubernetes")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
+        .collect();
+    on_disk.sort();
+    let mut listed = kustomize_resources();
+    listed.sort();
+    assert_eq!(listed, on_disk, "kustomization.yaml resources vs the files");
+
+    // Each file alone, as `kubectl apply -f` would take it; then what
+    // `kubectl apply -k` sends: kustomize's rendering of the directory.
+    let files: Vec<_> = on_disk.iter().map(|f| dir.join(f)).collect();
+    assert_valid(&files);
+
+    // The overlay the README walks through, beside the repository so its
+    // path to the base is relative (kustomize takes no absolute ones).
+    let scratch = podman::repo().join("target");
+    std::fs::create_dir_all(&scratch).expect("create target/");
+    let overlay = tempfile::tempdir_in(&scratch).expect("overlay dir");
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        "resources: [../../deploy/kubernetes]\n\
+         images: [{name: herald, newName: registry.example.com/herald, newTag: 0.1.0}]\n\
+         secretGenerator:\n  - {name: herald-jwt, behavior: replace, files: [jwt-secret]}\n",
+    )
+    .expect("write the overlay");
+    std::fs::write(overlay.path().join("jwt-secret"), SECRET).expect("write jwt-secret");
+    let rendered = podman::checked(podman::command(
+        podman::venv_tool("kubectl"),
+        &["kustomize", overlay.path().to_str().expect("utf-8 path")],
+    ));
+    let file = overlay.path().join("rendered.yaml");
+    std::fs::write(&file, &rendered).expect("write rendered.yaml");
+    assert_valid(&[file]);
+    assert!(
+        rendered.contains("image: registry.example.com/herald:0.1.0"),
+        "the overlay sets the Deployment's image:\n{rendered}"
+    );
+    let key = base64::engine::general_purpose::STANDARD.encode(SECRET);
+    assert!(
+        rendered.contains(&format!("jwt-secret: {key}")) && !rendered.contains("REPLACE"),
+        "the overlay's key replaces the placeholder:\n{rendered}"
+    );
+    let namespaced = rendered.matches("\n  namespace: herald\n").count();
+    assert_eq!(
+        namespaced,
+        MANIFEST_RESOURCES.len() - 1,
+        "every resource but the Namespace lands in it:\n{rendered}"
+    );
+}
+
+/// Every resource `deploy/kubernetes/` defines, as kubernetes-validate
+/// names them.
+const MANIFEST_RESOURCES: [&str; 10] = [
+    "namespace/herald",
+    "configmap/herald-config",
+    "secret/herald-jwt",
+    "deployment/herald",
+    "service/herald",
+    "poddisruptionbudget/herald",
+    "horizontalpodautoscaler/herald",
+    "ingress/herald",
+    "service/redis",
+    "statefulset/redis",
+];
+
+/// `kubernetes-validate --strict` (its newest Kubernetes, from the schemas
+/// it ships) passes every one of `MANIFEST_RESOURCES` in `files`. Strict:
+/// an unknown or misspelt field is an error, where an API server might
+/// drop it silently.
+fn assert_valid(files: &[std::path::PathBuf]) {
+    let mut args = vec!["--strict"];
+    args.extend(files.iter().map(|f| f.to_str().expect("utf-8 path")));
+    let report = podman::checked(podman::command(
+        podman::venv_tool("kubernetes-validate"),
+        &args,
+    ));
+    for resource in MANIFEST_RESOURCES {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.contains(&format!("passed for resource {resource} "))),
+            "{resource} was not validated:\n{report}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_kubernetes_deployment_plays_in_podman_serves_and_drains_on_sigterm() {
+    let image = herald_image();
+    let redis = common::Redis::start();
+    let (port, admin_port) = (common::free_port(), common::free_port());
+    let drain = format!("{}s", DRAIN_TIMEOUT.as_secs());
+    let mut played = podman::KubePlay::start(
+        &podman::unique("herald-kube"),
+        &[
+            image,
+            &port.to_string(),
+            &admin_port.to_string(),
+            &redis.url(),
+            SECRET,
+            &drain,
+        ],
+    );
+    let container = played.container();
+    let logs = || {
+        let out = podman::podman_quiet(&["logs", &container]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (public, _) = wait_listening(logs).await;
+    assert_eq!(public, format!("http://0.0.0.0:{port}"));
+
+    // The manifest's securityContext, as the runtime applied it.
+    let inspect = |format: &str| podman(&["inspect", "--format", format, &container]);
+    assert_eq!(inspect("{{.Config.User}}").trim(), "10001:10001");
+    assert_eq!(inspect("{{.HostConfig.ReadonlyRootfs}}").trim(), "true");
+    assert_eq!(inspect("{{.EffectiveCaps}}").trim(), "[]");
+
+    // The ConfigMap's Redis URL and the Secret's key reached the node.
+    assert!(
+        common::wait_until(WAIT, || ready(admin_port)).await,
+        "/readyz never 200 (Redis from the ConfigMap)"
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let mut sse = stream_and_publish(&base, &base, "in-a-pod").await;
+
+    // SIGTERM, as the kubelet sends it: the node drains and exits 0 well
+    // within the grace period (podman's --time 60, far above the drain).
+    let started = std::time::Instant::now();
+    played.stop();
+    let took = started.elapsed();
+    let frames = sse
+        .read_to_end(WAIT)
+        .await
+        .expect("stopping the pod ends the open stream");
+    assert!(
+        frames.iter().any(|f| f.retry.is_some()),
+        "the pod drains: the client is told when to reconnect: {frames:?}"
+    );
+    assert_eq!(inspect("{{.State.ExitCode}}").trim(), "0");
+    assert!(
+        took < DRAIN_TIMEOUT,
+        "the pod took {took:?} to stop, more than the {DRAIN_TIMEOUT:?} drain budget"
+    );
+
+    played.down();
+    assert!(
+        !podman::podman_quiet(&["pod", "exists", &played.pod()])
+            .status
+            .success(),
+        "the pod is gone after kube down"
     );
 }

@@ -351,3 +351,95 @@ impl Drop for Compose {
         let _ = podman_quiet(&["pod", "rm", "--force", &format!("pod_{}", self.project)]);
     }
 }
+
+/// Deployment + ConfigMap + Secret of `deploy/kubernetes/`, as
+/// `kube-play-variant` rewrites them for this machine, played with
+/// `podman kube play`. Dropping it takes the pod down and removes the
+/// secret (which `kube down` leaves behind).
+pub(crate) struct KubePlay {
+    pub(crate) name: String,
+    dir: tempfile::TempDir,
+    down: bool,
+}
+
+impl KubePlay {
+    /// Writes the variant for `name` (its `args` after the directory and
+    /// name), creates the secret and plays the rest.
+    pub(crate) fn start(name: &str, args: &[&str]) -> KubePlay {
+        let dir = tempfile::tempdir().expect("kube play dir");
+        let path = dir.path().to_str().expect("utf-8 temp path").to_string();
+        let script = here().join("kube-play-variant");
+        let mut all = vec![script.to_str().expect("utf-8 path"), &path, name];
+        all.extend_from_slice(args);
+        checked(command(venv_tool("python"), &all));
+        let played = KubePlay {
+            name: name.to_string(),
+            dir,
+            down: false,
+        };
+        podman(&[
+            "secret",
+            "create",
+            &played.secret(),
+            &played.file("secret.json"),
+        ]);
+        podman(&["kube", "play", &played.file("play.yaml")]);
+        played
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir
+            .path()
+            .join(name)
+            .to_str()
+            .expect("utf-8 path")
+            .to_string()
+    }
+
+    fn secret(&self) -> String {
+        format!("{}-jwt", self.name)
+    }
+
+    /// The pod podman made for the Deployment's one replica.
+    pub(crate) fn pod(&self) -> String {
+        format!("{}-pod-0", self.name)
+    }
+
+    /// The Herald container in that pod.
+    pub(crate) fn container(&self) -> String {
+        format!("{}-herald", self.pod())
+    }
+
+    /// Stops the pod the way Kubernetes ends one (the image's STOPSIGNAL,
+    /// SIGTERM, then SIGKILL after a grace period); the container stays
+    /// for `inspect`. podman 4.3's `kube down` alone SIGKILLs at once
+    /// (podman issue 22397, fixed in 5.1), so `down` comes after this.
+    pub(crate) fn stop(&self) {
+        podman(&["pod", "stop", "--time", "60", &self.pod()]);
+    }
+
+    /// `podman kube down` of the played file.
+    pub(crate) fn down(&mut self) {
+        self.down = true;
+        podman(&["kube", "down", &self.file("play.yaml")]);
+    }
+}
+
+impl Drop for KubePlay {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let out = podman_quiet(&["logs", &self.container()]);
+            eprintln!(
+                "--- {} log ---\n{}{}",
+                self.container(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if !self.down {
+            let _ = podman_quiet(&["kube", "down", &self.file("play.yaml")]);
+        }
+        let _ = podman_quiet(&["pod", "rm", "--force", &self.pod()]);
+        let _ = podman_quiet(&["secret", "rm", &self.secret()]);
+    }
+}
