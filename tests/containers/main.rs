@@ -283,6 +283,11 @@ async fn compose_runs_three_nodes_behind_nginx_and_down_leaves_nothing() {
             "node with admin port {admin} never became ready"
         );
     }
+    // The compose file's healthchecks (what `depends_on: service_healthy`
+    // waits for under Docker; podman 4.3 runs them only when asked).
+    for service in ["redis", "herald1", "herald2", "herald3"] {
+        podman(&["healthcheck", "run", &compose.container(service)]);
+    }
     assert!(
         common::wait_until(START_TIMEOUT, || async {
             tokio::net::TcpStream::connect(("127.0.0.1", nginx_port))
