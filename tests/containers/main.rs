@@ -484,11 +484,23 @@ async fn the_kubernetes_deployment_plays_in_podman_serves_and_drains_on_sigterm(
     assert_eq!(inspect("{{.HostConfig.ReadonlyRootfs}}").trim(), "true");
     assert_eq!(inspect("{{.EffectiveCaps}}").trim(), "[]");
 
-    // The ConfigMap's Redis URL and the Secret's key reached the node.
+    // The ConfigMap's Redis URL and the Secret's key reached the node, and
+    // the probes ask the right port and paths.
     assert!(
         common::wait_until(WAIT, || ready(admin_port)).await,
         "/readyz never 200 (Redis from the ConfigMap)"
     );
+    let probes = played.probes();
+    assert_eq!(probes.len(), 2, "readiness and liveness: {probes:?}");
+    for (probe, url) in probes {
+        let reply = common::get(&url).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{probe} {url}: {}",
+            reply.text()
+        );
+    }
     let base = format!("http://127.0.0.1:{port}");
     let mut sse = stream_and_publish(&base, &base, "in-a-pod").await;
 

@@ -387,6 +387,25 @@ impl KubePlay {
         played
     }
 
+    /// The Deployment's HTTP probes as (probe, `http://127.0.0.1:<port><path>`),
+    /// as the kubelet would send them on the host network.
+    pub(crate) fn probes(&self) -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(self.file("probes.json")).expect("read probes.json");
+        let probes: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&text).expect("probes.json is JSON");
+        probes
+            .into_iter()
+            .map(|(probe, get)| {
+                let url = format!(
+                    "http://127.0.0.1:{}{}",
+                    get["port"],
+                    get["path"].as_str().expect("path")
+                );
+                (probe, url)
+            })
+            .collect()
+    }
+
     fn file(&self, name: &str) -> String {
         self.dir
             .path()
