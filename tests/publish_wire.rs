@@ -138,6 +138,24 @@ async fn chunked_expect_http10_and_close_requests_still_publish() {
     assert_eq!(conn.response().await.status, 200);
     assert!(conn.closes().await, "HTTP/1.0 connections close");
 
+    // HTTP/1.0 asking for keep-alive: told so in the answer, and kept.
+    let mut conn = Conn::open(&node).await;
+    for data in ["old-1", "old-2"] {
+        let body = message("user:bob", data);
+        conn.send(
+            format!(
+                "POST /publish HTTP/1.0\r\nConnection: keep-alive\r\n\
+                 Authorization: Bearer {publisher}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await;
+        let response = conn.response().await;
+        assert_eq!(response.status, 200);
+        assert_eq!(response.header("connection"), Some("keep-alive"));
+    }
+
     // Connection: close on HTTP/1.1: answered with it, then closed.
     let mut conn = Conn::open(&node).await;
     conn.send(&publish_request(
@@ -152,8 +170,11 @@ async fn chunked_expect_http10_and_close_requests_still_publish() {
     assert_eq!(response.header("connection"), Some("close"));
     assert!(conn.closes().await);
 
-    let events = sse.collect(4, WAIT).await;
-    assert_eq!(payloads(&events), ["chunked", "expected", "old", "last"]);
+    let events = sse.collect(6, WAIT).await;
+    assert_eq!(
+        payloads(&events),
+        ["chunked", "expected", "old", "old-1", "old-2", "last"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

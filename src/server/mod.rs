@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode, Version};
 
 use axum::Router;
 use bytes::{Buf, Bytes, BytesMut};
@@ -193,6 +193,7 @@ impl Edge {
             };
             let keep_alive = head.keep_alive && !self.stop.is_cancelled();
             let is_head = head.method == Method::HEAD;
+            let http10 = head.version == Version::HTTP_10;
             let mut request = Request::new(Body::from(body));
             *request.method_mut() = head.method;
             *request.uri_mut() = head.uri;
@@ -207,7 +208,13 @@ impl Edge {
                 let mut cut_parts = parts;
                 let cut = cut_parts.extensions.remove::<StreamCut>();
                 let mut out = Vec::with_capacity(256);
-                write_head(&mut out, cut_parts.status, &cut_parts.headers, None, false);
+                write_head(
+                    &mut out,
+                    cut_parts.status,
+                    &cut_parts.headers,
+                    None,
+                    Some("close"),
+                );
                 let written = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&out)).await;
                 if !matches!(written, Ok(Ok(()))) {
                     return None;
@@ -225,12 +232,18 @@ impl Edge {
             };
             let length = exact.unwrap_or(0) as usize;
             let mut out = Vec::with_capacity(192 + bytes.len());
+            let connection = match (keep_alive, http10) {
+                (false, _) => Some("close"),
+                // HTTP/1.0 closes unless told otherwise, in the answer too.
+                (true, true) => Some("keep-alive"),
+                (true, false) => None,
+            };
             write_head(
                 &mut out,
                 parts.status,
                 &parts.headers,
                 Some(length),
-                keep_alive,
+                connection,
             );
             out.extend_from_slice(&bytes);
             let written = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&out)).await;
@@ -398,7 +411,7 @@ async fn write_refusal(stream: &mut TcpStream, refusal: &Refusal) -> io::Result<
         parts.status,
         &parts.headers,
         Some(body.len()),
-        false,
+        Some("close"),
     );
     out.extend_from_slice(&body);
     tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&out))
@@ -408,14 +421,14 @@ async fn write_refusal(stream: &mut TcpStream, refusal: &Refusal) -> io::Result<
 }
 
 /// A response head: status line, the response's own headers, `date:`, and
-/// the framing the driver chose (`content-length`, or none and
-/// `connection: close` for a close-delimited body).
+/// the framing the driver chose: `content-length` (or none, for a body the
+/// close delimits) and the `connection` header to send, if any.
 fn write_head(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
     length: Option<usize>,
-    keep_alive: bool,
+    connection: Option<&str>,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -441,8 +454,10 @@ fn write_head(
         out.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
+    if let Some(connection) = connection {
+        out.extend_from_slice(b"connection: ");
+        out.extend_from_slice(connection.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -479,14 +494,20 @@ mod tests {
         headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
         headers.insert(header::CONTENT_LENGTH, "999".parse().unwrap());
         let mut out = Vec::new();
-        write_head(&mut out, StatusCode::OK, &headers, Some(2), true);
+        write_head(&mut out, StatusCode::OK, &headers, Some(2), None);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"));
         assert!(text.contains("\r\ncontent-length: 2\r\n"));
         assert!(!text.contains("999") && !text.contains("connection"));
         assert!(text.ends_with("\r\n\r\n"));
         let mut out = Vec::new();
-        write_head(&mut out, StatusCode::OK, &HeaderMap::new(), None, false);
+        write_head(
+            &mut out,
+            StatusCode::OK,
+            &HeaderMap::new(),
+            None,
+            Some("close"),
+        );
         let text = String::from_utf8(out).unwrap();
         assert!(!text.contains("content-length") && text.contains("connection: close\r\n"));
     }
