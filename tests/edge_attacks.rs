@@ -34,7 +34,7 @@ async fn exchange(addr: &str, bytes: &[u8]) -> (Vec<u16>, bool) {
     let mut read = Vec::new();
     let mut chunk = [0u8; 8192];
     let closed = loop {
-        match tokio::time::timeout(Duration::from_secs(3), stream.read(&mut chunk)).await {
+        match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut chunk)).await {
             Ok(Ok(0)) | Ok(Err(_)) => break true,
             Ok(Ok(n)) => read.extend_from_slice(&chunk[..n]),
             Err(_) => break false,

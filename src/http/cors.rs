@@ -32,6 +32,11 @@ impl Cors {
         }
     }
 
+    /// Whether no origin is allowed (the policy adds nothing then).
+    pub fn is_empty(&self) -> bool {
+        self.origins.is_empty()
+    }
+
     /// The request's origin, if it is allowed.
     fn allowed<'a>(&self, request: &'a HeaderMap) -> Option<&'a HeaderValue> {
         let origin = request.get(header::ORIGIN)?;
@@ -70,11 +75,6 @@ impl Cors {
 
 /// Axum middleware: answers preflights and decorates every response.
 pub(super) async fn layer(State(cors): State<Cors>, request: Request, next: Next) -> Response {
-    // Without configured origins there is nothing to add: skip the header
-    // copy below on every publish.
-    if cors.origins.is_empty() {
-        return next.run(request).await;
-    }
     let request_headers = request.headers().clone();
     if request.method() == Method::OPTIONS
         && request_headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)

@@ -52,17 +52,22 @@ impl AppState {
     }
 }
 
-/// The public router. CORS wraps every route (preflights included).
+/// The public router. CORS wraps every route (preflights included) when
+/// origins are configured; without any it would add nothing, so it is not
+/// layered at all (one boxed middleware future less per request).
 pub fn public_router(state: AppState) -> Router {
     let cors = state.cors.clone();
-    Router::new()
+    let router = Router::new()
         .route("/", get(demo_page))
         .route("/events", get(events::events))
         .route("/publish", post(publish::publish))
         .with_state(state)
         // The transport bounds every body already (`body_limit`).
-        .layer(axum::extract::DefaultBodyLimit::disable())
-        .layer(axum::middleware::from_fn_with_state(cors, cors::layer))
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    if cors.is_empty() {
+        return router;
+    }
+    router.layer(axum::middleware::from_fn_with_state(cors, cors::layer))
 }
 
 async fn demo_page() -> Html<&'static str> {

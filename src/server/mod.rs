@@ -225,9 +225,9 @@ impl Edge {
             let bytes = if is_head {
                 Bytes::new()
             } else {
-                match body.collect().await {
-                    Ok(collected) => collected.to_bytes(),
-                    Err(_) => return None,
+                match whole(body).await {
+                    Some(bytes) => bytes,
+                    None => return None,
                 }
             };
             let length = exact.unwrap_or(0) as usize;
@@ -393,6 +393,31 @@ impl Streaming {
     }
 }
 
+/// A body of known length as one `Bytes`: its only data frame as is (what
+/// every route's body is), or the frames joined.
+async fn whole(mut body: Body) -> Option<Bytes> {
+    let mut first = Bytes::new();
+    let mut rest = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.ok()?.into_data() else {
+            continue;
+        };
+        if first.is_empty() {
+            first = data;
+        } else {
+            if rest.is_empty() {
+                rest.extend_from_slice(&first);
+            }
+            rest.extend_from_slice(&data);
+        }
+    }
+    Some(if rest.is_empty() {
+        first
+    } else {
+        rest.freeze()
+    })
+}
+
 /// Writes a refusal as a complete JSON error response and closes.
 async fn write_refusal(stream: &mut TcpStream, refusal: &Refusal) -> io::Result<()> {
     if !refusal.answer {
@@ -400,11 +425,7 @@ async fn write_refusal(stream: &mut TcpStream, refusal: &Refusal) -> io::Result<
     }
     let response = error_response(refusal.status, refusal.message);
     let (parts, body) = response.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
+    let body = whole(body).await.unwrap_or_default();
     let mut out = Vec::with_capacity(192 + body.len());
     write_head(
         &mut out,
