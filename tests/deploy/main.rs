@@ -12,6 +12,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod browser_client;
 mod clients;
 mod cluster;
 

@@ -1,0 +1,187 @@
+// Headless Debian Chromium (through playwright-core) with several tabs of
+// one signed-in user, each running herald.js exactly as an application page
+// would: `import { Herald } from '/herald.js'`, served by the nodes through
+// nginx. Driven by tests/deploy/browser_client.rs over stdin/stdout.
+//
+// argv[2]: {"base": "http://127.0.0.1:PORT", "token": "JWT", "fresh": "JWT"}
+//   token: the cookie every tab starts with; fresh: what the page's
+//   refresh() puts in the cookie (as an app's "renew session" call would).
+//
+// stdin, one JSON command per line; each is answered by one stdout line:
+//   {"cmd":"open","tab":"a","options":{...}}  -> {"type":"opened","tab":"a"}
+//       a new tab on the test page; options go to `new Herald(options)`
+//   {"cmd":"close","tab":"a"}                 -> {"type":"closed","tab":"a"}
+//   {"cmd":"reload","tab":"a"}                -> {"type":"reloaded","tab":"a"}
+//   {"cmd":"cookie","value":"JWT"}            -> {"type":"cookie"}
+//   {"cmd":"report"}                          -> {"type":"report","tabs":{...}}
+//       per tab: every notice's data in arrival order (across reloads), the
+//       node of each herald.ready, states, whether it leads now, refreshes
+//   {"cmd":"quit"}
+// A failure is {"type":"failed","message":...}.
+import { createInterface } from 'node:readline';
+import { chromium } from 'playwright-core';
+
+const config = JSON.parse(process.argv[2]);
+const emit = (value) => process.stdout.write(JSON.stringify(value) + '\n');
+const WAIT_MS = 20_000;
+const PAGE = '/herald-test.html';
+
+// The application page: herald.js and nothing else. Every observation goes
+// to this script through the `heraldReport` binding, so it survives reloads.
+const TEST_PAGE = `<!doctype html>
+<meta charset="utf-8">
+<title>herald.js test page</title>
+<script type="module">
+import { Herald } from '/herald.js';
+const report = (kind, value) => window.heraldReport({ kind, ...value });
+const options = JSON.parse(decodeURIComponent(location.hash.slice(1) || '%7B%7D'));
+const herald = new Herald({
+  ...options,
+  refresh: async () => {
+    // What an app's refresh does: renew the session, set the new cookie.
+    const token = await window.heraldFreshToken();
+    document.cookie = 'herald_token=' + token + '; path=/; SameSite=Lax';
+    report('refresh', {});
+  },
+});
+herald.onstate = (state) => report('state', { state });
+herald.onleader = (leader) => report('leader', { leader });
+herald.on('notice', (data, meta) => report('event', { data, channel: meta.channel ?? null, id: meta.id ?? null }));
+herald.on('herald.ready', (data) => report('ready', { node: data.node }));
+herald.on('herald.expired', () => report('expired', {}));
+window.herald = herald;
+report('loaded', { leader: herald.leader, state: herald.state });
+</script>`;
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: [
+    '--headless',
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-quic',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+    // Background tabs must keep running their timers and tasks at full
+    // speed: the tabs here are all "background" to a headless browser.
+    '--disable-background-timer-throttling',
+    '--disable-renderer-backgrounding',
+    '--disable-backgrounding-occluded-windows',
+  ],
+});
+const context = await browser.newContext();
+await context.addCookies([{ name: 'herald_token', value: config.token, url: config.base }]);
+// Only the test page itself is made up; /herald.js, /events and the rest
+// come from the nodes through nginx.
+await context.route(config.base + PAGE + '*', (route) =>
+  route.fulfill({ status: 200, contentType: 'text/html; charset=utf-8', body: TEST_PAGE }),
+);
+
+/** tab name -> { page, record } */
+const tabs = new Map();
+const record = () => ({
+  received: [],
+  channels: [],
+  readies: [],
+  states: [],
+  leader: false,
+  leaderSince: null,
+  refreshes: 0,
+  expired: 0,
+  loads: 0,
+  errors: [],
+});
+const tabOf = (page) => [...tabs.entries()].find(([, t]) => t.page === page)?.[0];
+
+await context.exposeBinding('heraldReport', ({ page }, message) => {
+  const name = tabOf(page);
+  if (!name) return;
+  const r = tabs.get(name).record;
+  switch (message.kind) {
+    case 'event':
+      r.received.push(typeof message.data === 'string' ? message.data : JSON.stringify(message.data));
+      r.channels.push(message.channel);
+      break;
+    case 'ready':
+      r.readies.push(message.node);
+      break;
+    case 'state':
+      r.states.push(message.state);
+      break;
+    case 'leader':
+      r.leader = message.leader;
+      r.leaderSince = message.leader ? Date.now() : null;
+      break;
+    case 'refresh':
+      r.refreshes += 1;
+      break;
+    case 'expired':
+      r.expired += 1;
+      break;
+    case 'loaded':
+      r.loads += 1;
+      r.leader = message.leader;
+      break;
+    default:
+  }
+});
+await context.exposeBinding('heraldFreshToken', () => config.fresh);
+
+async function run(command) {
+  switch (command.cmd) {
+    case 'open': {
+      const page = await context.newPage();
+      const entry = { page, record: record() };
+      tabs.set(command.tab, entry);
+      page.on('pageerror', (err) => entry.record.errors.push(err.message));
+      page.on('console', (msg) => {
+        if (msg.type() === 'error' || msg.type() === 'warning') {
+          process.stderr.write(`${command.tab} console.${msg.type()}: ${msg.text()}\n`);
+        }
+      });
+      const hash = encodeURIComponent(JSON.stringify(command.options ?? {}));
+      await page.goto(`${config.base}${PAGE}#${hash}`, { timeout: WAIT_MS });
+      return { type: 'opened', tab: command.tab };
+    }
+    case 'close': {
+      const entry = tabs.get(command.tab);
+      await entry.page.close();
+      entry.record.leader = false;
+      entry.record.closedAt = Date.now();
+      return { type: 'closed', tab: command.tab, at: entry.record.closedAt };
+    }
+    case 'reload': {
+      const entry = tabs.get(command.tab);
+      entry.record.leader = false;
+      await entry.page.reload({ timeout: WAIT_MS });
+      return { type: 'reloaded', tab: command.tab };
+    }
+    case 'cookie':
+      await context.addCookies([{ name: 'herald_token', value: command.value, url: config.base }]);
+      return { type: 'cookie' };
+    case 'report': {
+      const out = {};
+      for (const [name, { record: r }] of tabs) out[name] = r;
+      return { type: 'report', now: Date.now(), tabs: out };
+    }
+    case 'quit':
+      await browser.close();
+      process.exit(0);
+    default:
+      throw new Error(`unknown command ${JSON.stringify(command)}`);
+  }
+}
+
+emit({ type: 'started' });
+const lines = createInterface({ input: process.stdin });
+for await (const line of lines) {
+  if (!line.trim()) continue;
+  try {
+    emit(await run(JSON.parse(line)));
+  } catch (err) {
+    emit({ type: 'failed', message: String(err && err.message ? err.message : err) });
+  }
+}
+await browser.close();
