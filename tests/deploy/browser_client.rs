@@ -38,6 +38,8 @@ struct Tab {
     refreshes: usize,
     expired: usize,
     loads: usize,
+    /// How the page reached the origin (`h2`, `http/1.1`).
+    protocol: Option<String>,
     errors: Vec<String>,
 }
 
@@ -75,11 +77,12 @@ impl Tabs {
     /// Starts the browser; every tab's cookie is `token`, and the page's
     /// `refresh()` sets `fresh`.
     async fn start(base: &str, token: &str, fresh: &str) -> Tabs {
+        Tabs::launch(json!({ "base": base, "token": token, "fresh": fresh })).await
+    }
+
+    async fn launch(config: Value) -> Tabs {
         let mut tabs = Tabs {
-            script: Script::spawn(
-                "tabs.mjs",
-                &json!({ "base": base, "token": token, "fresh": fresh }),
-            ),
+            script: Script::spawn("tabs.mjs", &config),
         };
         tabs.expect("started").await;
         tabs
@@ -558,5 +561,128 @@ async fn a_401_on_reconnect_is_refreshed_and_the_stream_resumes() {
         "a node refused the expired cookie"
     );
     assert_shows_exactly("a", tab, &want);
+    tabs.quit().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_tls_block_serves_http2_and_eight_unshared_tabs_each_hold_a_stream() {
+    let _turn = HEAVY.lock().await;
+    // deploy/cluster --tls: the `#tls` lines of nginx.conf enabled, with
+    // the self-signed certificate it makes.
+    let run_dir = tempfile::tempdir().expect("run dir");
+    let dir = run_dir.path().to_str().expect("utf-8").to_string();
+    let base = crate::free_base_port(3);
+    let up = crate::cluster_script(&[
+        "up",
+        "--tls",
+        "--no-prometheus",
+        "--port",
+        &base.to_string(),
+        "--dir",
+        &dir,
+    ]);
+    let _down = crate::ScriptCluster(run_dir.path());
+    crate::assert_ok("deploy/cluster up --tls", &up);
+    let https = format!("https://127.0.0.1:{}", base + 363);
+    assert!(crate::stdout(&up).contains(&format!("HTTPS/2:     {https}/")));
+    let cert = run_dir.path().join("tls/herald.crt");
+    let cert = cert.to_str().expect("utf-8");
+    let token = std::fs::read_to_string(run_dir.path().join("demo-token")).expect("demo token");
+    let token = token.trim();
+
+    // curl, verifying the certificate (it names 127.0.0.1), over HTTP/2.
+    let js = crate::run(
+        "curl",
+        &[
+            "--http2",
+            "-sS",
+            "--cacert",
+            cert,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code} %{content_type}",
+            &format!("{https}/herald.js"),
+        ],
+    );
+    crate::assert_ok("curl --http2 /herald.js", &js);
+    assert_eq!(crate::stdout(&js), "2 200 text/javascript; charset=utf-8");
+    // The stream too: HTTP/2 headers, then herald.ready, unbuffered.
+    let mut curl = tokio::process::Command::new("curl")
+        .args(["--http2", "-sS", "-N", "-i", "--cacert", cert, "--cookie"])
+        .arg(format!("herald_token={token}"))
+        .arg(format!("{https}/events"))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run curl");
+    let stdout = curl.stdout.take().expect("piped");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut head = Vec::new();
+    let read = tokio::time::timeout(SETTLE, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let ready = line == "event: herald.ready";
+            head.push(line);
+            if ready {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(read, Ok(true), "no herald.ready over HTTP/2: {head:?}");
+    assert_eq!(head[0].trim(), "HTTP/2 200", "{head:?}");
+    assert!(
+        head.iter()
+            .any(|l| l.trim() == "content-type: text/event-stream"),
+        "{head:?}"
+    );
+    curl.kill().await.expect("stop curl");
+
+    // Eight tabs that do not share: eight streams, none starved (over
+    // HTTP/1.1 a browser holds at most six connections per host).
+    let mut tabs = Tabs::launch(json!({
+        "base": https, "token": token, "fresh": token, "insecure": true,
+    }))
+    .await;
+    let names = ["t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"];
+    for name in names {
+        tabs.open(name, json!({"share": false})).await;
+    }
+    let report = tabs
+        .wait("eight tabs open", SETTLE, |r| {
+            names.iter().all(|n| r.state(n) == Some("open"))
+        })
+        .await;
+    for name in names {
+        let tab = report.tab(name);
+        assert!(tab.leader, "{name} holds its own stream");
+        assert_eq!(tab.protocol.as_deref(), Some("h2"), "{name}");
+    }
+    let connections = || async {
+        let mut sum = 0.0;
+        for i in 1..=3 {
+            let metrics =
+                crate::common::get(&format!("http://127.0.0.1:{}/metrics", base + 1100 + i)).await;
+            sum += crate::common::metric_in(&metrics.text(), "herald_connections").unwrap_or(0.0);
+        }
+        sum
+    };
+    assert!(
+        wait_until(SETTLE, || async { connections().await == 8.0 }).await,
+        "8 connections: {}",
+        connections().await
+    );
+    let mut redis = RedisPublisher::connect(&format!("redis://127.0.0.1:{}", base - 1700)).await;
+    let want = numbered("t", 50);
+    publish_paced(&mut redis, "user:demo", &want, Duration::from_millis(10)).await;
+    let report = tabs
+        .wait("every tab has all 50", SETTLE, |r| {
+            r.tabs.values().all(|t| t.received.len() >= want.len())
+        })
+        .await;
+    for name in names {
+        assert_shows_exactly(name, report.tab(name), &want);
+    }
     tabs.quit().await;
 }

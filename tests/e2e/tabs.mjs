@@ -3,9 +3,11 @@
 // would: `import { Herald } from '/herald.js'`, served by the nodes through
 // nginx. Driven by tests/deploy/browser_client.rs over stdin/stdout.
 //
-// argv[2]: {"base": "http://127.0.0.1:PORT", "token": "JWT", "fresh": "JWT"}
+// argv[2]: {"base": "http://127.0.0.1:PORT", "token": "JWT", "fresh": "JWT",
+//           "insecure": false}
 //   token: the cookie every tab starts with; fresh: what the page's
-//   refresh() puts in the cookie (as an app's "renew session" call would).
+//   refresh() puts in the cookie (as an app's "renew session" call would);
+//   insecure: accept a self-signed certificate.
 //
 // stdin, one JSON command per line; each is answered by one stdout line:
 //   {"cmd":"open","tab":"a","options":{...}}  -> {"type":"opened","tab":"a"}
@@ -50,7 +52,9 @@ herald.on('notice', (data, meta) => report('event', { data, channel: meta.channe
 herald.on('herald.ready', (data) => report('ready', { node: data.node }));
 herald.on('herald.expired', () => report('expired', {}));
 window.herald = herald;
-report('loaded', { leader: herald.leader, state: herald.state });
+// How this page reached the origin ('h2' over nginx's TLS block).
+const protocol = performance.getEntriesByType('resource').find((e) => e.name.endsWith('/herald.js'))?.nextHopProtocol ?? null;
+report('loaded', { leader: herald.leader, state: herald.state, protocol });
 </script>`;
 
 const browser = await chromium.launch({
@@ -71,7 +75,8 @@ const browser = await chromium.launch({
     '--disable-backgrounding-occluded-windows',
   ],
 });
-const context = await browser.newContext();
+// `insecure`: the cluster's self-signed certificate (deploy/cluster --tls).
+const context = await browser.newContext({ ignoreHTTPSErrors: Boolean(config.insecure) });
 await context.addCookies([{ name: 'herald_token', value: config.token, url: config.base }]);
 // Only the test page itself is made up; /herald.js, /events and the rest
 // come from the nodes through nginx.
@@ -123,6 +128,7 @@ await context.exposeBinding('heraldReport', ({ page }, message) => {
     case 'loaded':
       r.loads += 1;
       r.leader = message.leader;
+      r.protocol = message.protocol;
       break;
     default:
   }
