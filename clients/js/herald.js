@@ -593,7 +593,11 @@ export class Herald {
   /** Shows one event to this tab's handlers, unless it showed it already. */
   _deliver(message) {
     if (typeof message.event !== 'string' || typeof message.data !== 'string') return;
-    const positions = Array.isArray(message.positions) ? message.positions : [];
+    // Messages come from this origin's other tabs; still, take only the
+    // shape this file posts.
+    const positions = (Array.isArray(message.positions) ? message.positions : []).filter(
+      (p) => Array.isArray(p) && p.length === 2 && typeof p[1] === 'string',
+    );
     const keys = positions.map(([channel, id]) => `${channel}\n${id}`);
     const fresh = positions.filter((_, i) => !this._recent.has(keys[i]));
     if (keys.length > 0 && fresh.length === 0) return; // a replayed copy

@@ -14,9 +14,10 @@
 //       a new tab on the test page; options go to `new Herald(options)`
 //   {"cmd":"close","tab":"a"}                 -> {"type":"closed","tab":"a"}
 //   {"cmd":"reload","tab":"a"}                -> {"type":"reloaded","tab":"a"}
+//   {"cmd":"away","tab":"a"}, {"cmd":"back","tab":"a"}  a reload in two steps
 //   {"cmd":"cookie","value":"JWT"}            -> {"type":"cookie"}
 //   {"cmd":"report"}                          -> {"type":"report","tabs":{...}}
-//       per tab: every notice's data in arrival order (across reloads), the
+//       per tab: every notice's data in the order shown (across reloads), the
 //       node of each herald.ready, states, whether it leads now, refreshes
 //   {"cmd":"quit"}
 // A failure is {"type":"failed","message":...}.
@@ -48,7 +49,15 @@ const herald = new Herald({
 });
 herald.onstate = (state) => report('state', { state });
 herald.onleader = (leader) => report('leader', { leader });
-herald.on('notice', (data, meta) => report('event', { data, channel: meta.channel ?? null, id: meta.id ?? null }));
+// What the tab showed, kept in the tab's sessionStorage like the cursor: a
+// report sent in the instant before a reload can be lost with the page,
+// this log cannot (it is written in the same task as herald.js's cursor).
+const SHOWN = 'herald-test:shown';
+const shown = JSON.parse(sessionStorage.getItem(SHOWN) || '[]');
+herald.on('notice', (data, meta) => {
+  shown.push({ data: typeof data === 'string' ? data : JSON.stringify(data), channel: meta.channel ?? null });
+  sessionStorage.setItem(SHOWN, JSON.stringify(shown));
+});
 herald.on('herald.ready', (data) => report('ready', { node: data.node }));
 herald.on('herald.expired', () => report('expired', {}));
 window.herald = herald;
@@ -105,10 +114,6 @@ await context.exposeBinding('heraldReport', ({ page }, message) => {
   if (!name) return;
   const r = tabs.get(name).record;
   switch (message.kind) {
-    case 'event':
-      r.received.push(typeof message.data === 'string' ? message.data : JSON.stringify(message.data));
-      r.channels.push(message.channel);
-      break;
     case 'ready':
       r.readies.push(message.node);
       break;
@@ -135,6 +140,19 @@ await context.exposeBinding('heraldReport', ({ page }, message) => {
 });
 await context.exposeBinding('heraldFreshToken', () => config.fresh);
 
+/** Copies the tab's log of shown events into its record (kept as it was
+ * while the tab is closed, away or between pages). */
+async function readShown(entry) {
+  if (entry.page.isClosed() || !entry.page.url().startsWith(config.base)) return;
+  try {
+    const shown = await entry.page.evaluate(() => JSON.parse(sessionStorage.getItem('herald-test:shown') || '[]'));
+    entry.record.received = shown.map((s) => s.data);
+    entry.record.channels = shown.map((s) => s.channel);
+  } catch (_) {
+    // Navigating: the next report reads it.
+  }
+}
+
 async function run(command) {
   switch (command.cmd) {
     case 'open': {
@@ -148,11 +166,13 @@ async function run(command) {
         }
       });
       const hash = encodeURIComponent(JSON.stringify(command.options ?? {}));
-      await page.goto(`${config.base}${PAGE}#${hash}`, { timeout: WAIT_MS });
+      entry.url = `${config.base}${PAGE}#${hash}`;
+      await page.goto(entry.url, { timeout: WAIT_MS });
       return { type: 'opened', tab: command.tab };
     }
     case 'close': {
       const entry = tabs.get(command.tab);
+      await readShown(entry);
       await entry.page.close();
       entry.record.leader = false;
       entry.record.closedAt = Date.now();
@@ -164,12 +184,31 @@ async function run(command) {
       await entry.page.reload({ timeout: WAIT_MS });
       return { type: 'reloaded', tab: command.tab };
     }
+    // A reload with a pause in the middle, so the test knows what was
+    // published while no page was there: the tab leaves for about:blank
+    // (the page unloads) and later loads the page again, with the same
+    // sessionStorage, as a reload would.
+    case 'away': {
+      const entry = tabs.get(command.tab);
+      await readShown(entry);
+      entry.record.leader = false;
+      await entry.page.goto('about:blank', { timeout: WAIT_MS });
+      return { type: 'away', tab: command.tab };
+    }
+    case 'back': {
+      const entry = tabs.get(command.tab);
+      await entry.page.goto(entry.url, { timeout: WAIT_MS });
+      return { type: 'back', tab: command.tab };
+    }
     case 'cookie':
       await context.addCookies([{ name: 'herald_token', value: command.value, url: config.base }]);
       return { type: 'cookie' };
     case 'report': {
       const out = {};
-      for (const [name, { record: r }] of tabs) out[name] = r;
+      for (const [name, entry] of tabs) {
+        await readShown(entry);
+        out[name] = entry.record;
+      }
       return { type: 'report', now: Date.now(), tabs: out };
     }
     case 'quit':
