@@ -681,3 +681,107 @@ async fn nginx_tls_block_serves_http2_and_eight_unshared_tabs_each_hold_a_stream
     }
     tabs.quit().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_then_online_reconnects_at_once_and_loses_nothing() {
+    let _turn = HEAVY.lock().await;
+    let cluster = Cluster::start(3, &[]).await;
+    let sub = "tabs-offline";
+    let jwt = user_token(sub);
+    let channel = format!("user:{sub}");
+    let mut tabs = Tabs::start(&cluster.url(""), &jwt, &jwt).await;
+    tabs.open("a", json!({"share": true})).await;
+    tabs.wait_open(&["a"]).await;
+    let mut redis = RedisPublisher::connect(&cluster.redis.url()).await;
+    let first = numbered("o", 10);
+    publish_paced(&mut redis, &channel, &first, Duration::from_millis(20)).await;
+    tabs.wait("10 shown", SETTLE, |r| r.tab("a").received.len() >= 10)
+        .await;
+
+    tabs.command(json!({"cmd": "offline", "value": true}), "offline")
+        .await;
+    tabs.wait("reconnecting while offline", SETTLE, |r| {
+        r.state("a") == Some("reconnecting")
+    })
+    .await;
+    assert!(
+        wait_until(SETTLE, || async {
+            cluster.metric_sum("herald_connections").await == 0.0
+        })
+        .await,
+        "offline, the tab let its stream go"
+    );
+    let during = numbered("p", 10);
+    publish_paced(&mut redis, &channel, &during, Duration::from_millis(20)).await;
+    tabs.command(json!({"cmd": "offline", "value": false}), "offline")
+        .await;
+    let want: Vec<String> = [first, during].concat();
+    let report = tabs
+        .wait("back online with all 20", SETTLE, |r| {
+            r.tab("a").received.len() >= want.len() && r.state("a") == Some("open")
+        })
+        .await;
+    let tab = report.tab("a");
+    assert_shows_exactly("a", tab, &want);
+    assert_eq!(tab.readies.len(), 2, "one reconnect: {tab:?}");
+    assert_eq!(tab.states, ["open", "reconnecting", "open"]);
+    tabs.quit().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_told_it_will_freeze_hands_over_and_follows() {
+    let _turn = HEAVY.lock().await;
+    let cluster = Cluster::start(3, &[]).await;
+    let sub = "tabs-freeze";
+    let jwt = user_token(sub);
+    let channel = format!("user:{sub}");
+    let mut tabs = Tabs::start(&cluster.url(""), &jwt, &jwt).await;
+    for name in ["a", "b"] {
+        tabs.open(name, json!({"share": true})).await;
+    }
+    let leader = tabs.wait_open(&["a", "b"]).await;
+    let other = if leader == "a" { "b" } else { "a" };
+    let mut redis = RedisPublisher::connect(&cluster.redis.url()).await;
+    let first = numbered("z", 10);
+    publish_paced(&mut redis, &channel, &first, Duration::from_millis(20)).await;
+    tabs.wait("10 shown", SETTLE, |r| {
+        r.tabs.values().all(|t| t.received.len() >= 10)
+    })
+    .await;
+
+    // The leading tab gets `freeze` (a browser about to freeze it): frozen,
+    // it could no longer forward events, so it gives the lead away and
+    // queues for it again. (The event is dispatched by the test; a headless
+    // page cannot really be frozen.)
+    tabs.command(json!({"cmd": "freeze", "tab": leader}), "freeze")
+        .await;
+    tabs.wait("the other tab leads", SETTLE, |r| {
+        r.tab(other).leader && r.state(other) == Some("open")
+    })
+    .await;
+    let during = numbered("y", 10);
+    publish_paced(&mut redis, &channel, &during, Duration::from_millis(20)).await;
+    let want: Vec<String> = [first, during].concat();
+    tabs.wait("the new leader shows all 20", SETTLE, |r| {
+        r.tab(other).received.len() >= want.len()
+    })
+    .await;
+    let after = numbered("x", 5);
+    publish_paced(&mut redis, &channel, &after, Duration::from_millis(20)).await;
+    let report = tabs
+        .wait("both show the last one", SETTLE, |r| {
+            r.tabs.values().all(|t| t.received.last() == after.last())
+        })
+        .await;
+    let all = [&want[..], &after].concat();
+    assert_shows_exactly(other, report.tab(other), &all);
+    assert_shows_exactly(&leader, report.tab(&leader), &all);
+    assert!(
+        !report.tab(&leader).leader,
+        "the tab that gave the lead away follows: {report:#?}"
+    );
+    assert_eq!(report.tab(other).readies.len(), 1);
+    assert_eq!(report.leaders(), [other]);
+    assert_eq!(cluster.metric_sum("herald_connections").await, 1.0);
+    tabs.quit().await;
+}

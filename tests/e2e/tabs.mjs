@@ -16,6 +16,8 @@
 //   {"cmd":"reload","tab":"a"}                -> {"type":"reloaded","tab":"a"}
 //   {"cmd":"away","tab":"a"}, {"cmd":"back","tab":"a"}  a reload in two steps
 //   {"cmd":"cookie","value":"JWT"}            -> {"type":"cookie"}
+//   {"cmd":"offline","value":true|false}      -> {"type":"offline"}
+//   {"cmd":"freeze","tab":"a"}                -> {"type":"freeze"}
 //   {"cmd":"report"}                          -> {"type":"report","tabs":{...}}
 //       per tab: every notice's data in the order shown (across reloads), the
 //       node of each herald.ready, states, whether it leads now, refreshes
@@ -199,6 +201,20 @@ async function run(command) {
       const entry = tabs.get(command.tab);
       await entry.page.goto(entry.url, { timeout: WAIT_MS });
       return { type: 'back', tab: command.tab };
+    }
+    // The browser's network goes away (pages get `offline`) or comes back.
+    case 'offline':
+      await context.setOffline(Boolean(command.value));
+      return { type: 'offline' };
+    // The `freeze` event of the Page Lifecycle, which a browser fires on a
+    // background tab before it stops running its tasks. Dispatched by hand:
+    // CDP's Page.setWebLifecycleState does not freeze a headless page, whose
+    // tabs are all visible. So this shows what the tab does on `freeze`, not
+    // that a browser freezes it.
+    case 'freeze': {
+      const entry = tabs.get(command.tab);
+      await entry.page.evaluate(() => document.dispatchEvent(new Event('freeze')));
+      return { type: 'freeze' };
     }
     case 'cookie':
       await context.addCookies([{ name: 'herald_token', value: command.value, url: config.base }]);
