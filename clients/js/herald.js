@@ -293,7 +293,8 @@ export class Herald {
 
     this._onOnline = () => this._online();
     this._onOffline = () => this._offline();
-    this._onFreeze = () => this._relinquish();
+    this._onFreeze = () => this._withdraw();
+    this._onResume = () => this._rejoin();
     globalThis.addEventListener?.('online', this._onOnline);
     globalThis.addEventListener?.('offline', this._onOffline);
 
@@ -352,6 +353,7 @@ export class Herald {
     globalThis.removeEventListener?.('online', this._onOnline);
     globalThis.removeEventListener?.('offline', this._onOffline);
     globalThis.document?.removeEventListener?.('freeze', this._onFreeze);
+    globalThis.document?.removeEventListener?.('resume', this._onResume);
     this._setState(transition(this._state, 'close'));
   }
 
@@ -361,9 +363,12 @@ export class Herald {
     this._channel = new BroadcastChannel(group);
     this._channel.onmessage = (e) => this._onGroupMessage(e.data);
     this._lockName = group;
-    // A frozen tab cannot forward events: it hands the lead on and queues
-    // again (the callback runs when, and if, it is resumed).
+    // A frozen tab runs no tasks: as leader it could not forward events,
+    // and granted the lock while frozen it would hold it and do nothing. So
+    // on `freeze` it leaves the queue (handing the lead on) and on `resume`
+    // it queues again.
     globalThis.document?.addEventListener?.('freeze', this._onFreeze);
+    globalThis.document?.addEventListener?.('resume', this._onResume);
     this._requestLock();
     this._post({ t: 'hello', names: [...this._names] });
   }
@@ -380,19 +385,25 @@ export class Herald {
         });
       })
       .catch(() => {
-        // AbortError: close() or a freeze withdrew the request.
+        // AbortError: close() or `freeze` withdrew the request.
       });
   }
 
-  _relinquish() {
-    if (this._closed || !this._channel) return;
+  /** Leaves the lock's queue, or the lead, until `_rejoin`. */
+  _withdraw() {
+    if (this._closed || !this._lockAbort) return;
     const wasLeader = this._leader;
     this._disconnect();
     this._setLeader(false);
-    this._lockAbort?.abort();
+    this._lockAbort.abort();
+    this._lockAbort = null;
     this._releaseLock?.();
     this._releaseLock = null;
     if (wasLeader) this._post({ t: 'leaving' });
+  }
+
+  _rejoin() {
+    if (this._closed || !this._channel || this._lockAbort) return;
     this._requestLock();
   }
 

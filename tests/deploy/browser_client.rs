@@ -112,6 +112,11 @@ impl Tabs {
         .await;
     }
 
+    async fn close(&mut self, tab: &str) {
+        self.command(json!({"cmd": "close", "tab": tab}), "closed")
+            .await;
+    }
+
     async fn reload(&mut self, tab: &str) {
         self.command(json!({"cmd": "reload", "tab": tab}), "reloaded")
             .await;
@@ -750,9 +755,9 @@ async fn a_leader_told_it_will_freeze_hands_over_and_follows() {
     .await;
 
     // The leading tab gets `freeze` (a browser about to freeze it): frozen,
-    // it could no longer forward events, so it gives the lead away and
-    // queues for it again. (The event is dispatched by the test; a headless
-    // page cannot really be frozen.)
+    // it could no longer forward events, so it gives the lead away; on
+    // `resume` it queues for it again, as a follower. (The test dispatches
+    // the events; a headless page cannot really be frozen.)
     tabs.command(json!({"cmd": "freeze", "tab": leader}), "freeze")
         .await;
     tabs.wait("the other tab leads", SETTLE, |r| {
@@ -766,6 +771,8 @@ async fn a_leader_told_it_will_freeze_hands_over_and_follows() {
         r.tab(other).received.len() >= want.len()
     })
     .await;
+    tabs.command(json!({"cmd": "resume", "tab": leader}), "resume")
+        .await;
     let after = numbered("x", 5);
     publish_paced(&mut redis, &channel, &after, Duration::from_millis(20)).await;
     let report = tabs
@@ -782,6 +789,20 @@ async fn a_leader_told_it_will_freeze_hands_over_and_follows() {
     );
     assert_eq!(report.tab(other).readies.len(), 1);
     assert_eq!(report.leaders(), [other]);
-    assert_eq!(cluster.metric_sum("herald_connections").await, 1.0);
+    tabs.close(other).await;
+    let report = tabs
+        .wait("the resumed tab leads once the other closes", SETTLE, |r| {
+            r.tab(&leader).leader && r.state(&leader) == Some("open")
+        })
+        .await;
+    assert_eq!(report.tab(&leader).readies.len(), 2, "{report:#?}");
+    assert!(
+        wait_until(SETTLE, || async {
+            cluster.metric_sum("herald_connections").await == 1.0
+        })
+        .await,
+        "one connection: {}",
+        cluster.metric_sum("herald_connections").await
+    );
     tabs.quit().await;
 }

@@ -17,10 +17,11 @@
 //   {"cmd":"away","tab":"a"}, {"cmd":"back","tab":"a"}  a reload in two steps
 //   {"cmd":"cookie","value":"JWT"}            -> {"type":"cookie"}
 //   {"cmd":"offline","value":true|false}      -> {"type":"offline"}
-//   {"cmd":"freeze","tab":"a"}                -> {"type":"freeze"}
+//   {"cmd":"freeze","tab":"a"}, {"cmd":"resume","tab":"a"}  Page Lifecycle events
 //   {"cmd":"report"}                          -> {"type":"report","tabs":{...}}
 //       per tab: every notice's data in the order shown (across reloads), the
-//       node of each herald.ready, states, whether it leads now, refreshes
+//       node of each herald.ready of its own connection, states, whether it
+//       leads now, refreshes
 //   {"cmd":"quit"}
 // A failure is {"type":"failed","message":...}.
 import { createInterface } from 'node:readline';
@@ -60,7 +61,8 @@ herald.on('notice', (data, meta) => {
   shown.push({ data: typeof data === 'string' ? data : JSON.stringify(data), channel: meta.channel ?? null });
   sessionStorage.setItem(SHOWN, JSON.stringify(shown));
 });
-herald.on('herald.ready', (data) => report('ready', { node: data.node }));
+// Followers get the leader's herald.ready too; count this tab's own.
+herald.on('herald.ready', (data) => herald.leader && report('ready', { node: data.node }));
 herald.on('herald.expired', () => report('expired', {}));
 window.herald = herald;
 // How this page reached the origin ('h2' over nginx's TLS block).
@@ -206,15 +208,17 @@ async function run(command) {
     case 'offline':
       await context.setOffline(Boolean(command.value));
       return { type: 'offline' };
-    // The `freeze` event of the Page Lifecycle, which a browser fires on a
-    // background tab before it stops running its tasks. Dispatched by hand:
+    // The `freeze` and `resume` events of the Page Lifecycle, which a
+    // browser fires on a background tab before it stops running its tasks
+    // and when it runs them again. Dispatched by hand:
     // CDP's Page.setWebLifecycleState does not freeze a headless page, whose
-    // tabs are all visible. So this shows what the tab does on `freeze`, not
-    // that a browser freezes it.
-    case 'freeze': {
+    // tabs are all visible. So this shows what the tab does on these events,
+    // not that a browser freezes it.
+    case 'freeze':
+    case 'resume': {
       const entry = tabs.get(command.tab);
-      await entry.page.evaluate(() => document.dispatchEvent(new Event('freeze')));
-      return { type: 'freeze' };
+      await entry.page.evaluate((name) => document.dispatchEvent(new Event(name)), command.cmd);
+      return { type: command.cmd };
     }
     case 'cookie':
       await context.addCookies([{ name: 'herald_token', value: command.value, url: config.base }]);
