@@ -85,6 +85,7 @@ export class RecentSet {
   constructor(limit?: number);
   has(key: string): boolean;
   add(key: string): void;
+  admit(positions: Array<[string | null, string]>): { channel?: string } | null;
 }
 export class CursorStore {
   constructor(storage: Storage | null, key: string);

@@ -188,6 +188,22 @@ export class RecentSet {
     this.keys.add(key);
     while (this.keys.size > this.limit) this.keys.delete(this.keys.values().next().value);
   }
+
+  /**
+   * Decides about a message that advanced `positions` (see
+   * advancedPositions): `null` when every one of them was shown already (a
+   * copy replayed after a handover), else `{ channel }` — the channel when
+   * exactly one position is new — and remembers them. A message that
+   * advanced nothing (published without a stream id) is always new.
+   */
+  admit(positions) {
+    const keys = positions.map(([channel, id]) => `${channel}\n${id}`);
+    const fresh = positions.filter((_, i) => !this.has(keys[i]));
+    if (keys.length > 0 && fresh.length === 0) return null;
+    for (const key of keys) this.add(key);
+    const channel = fresh.length === 1 && typeof fresh[0][0] === 'string' ? fresh[0][0] : undefined;
+    return { channel };
+  }
 }
 
 /**
@@ -609,14 +625,11 @@ export class Herald {
     const positions = (Array.isArray(message.positions) ? message.positions : []).filter(
       (p) => Array.isArray(p) && p.length === 2 && typeof p[1] === 'string',
     );
-    const keys = positions.map(([channel, id]) => `${channel}\n${id}`);
-    const fresh = positions.filter((_, i) => !this._recent.has(keys[i]));
-    if (keys.length > 0 && fresh.length === 0) return; // a replayed copy
-    for (const key of keys) this._recent.add(key);
+    const admitted = this._recent.admit(positions);
+    if (!admitted) return; // a replayed copy
     if (typeof message.id === 'string') this._noteCursor(message.id);
     const meta = { event: message.event, id: message.id ?? undefined };
-    // The channel is known when exactly one position is new to this tab.
-    if (fresh.length === 1 && typeof fresh[0][0] === 'string') meta.channel = fresh[0][0];
+    if (admitted.channel) meta.channel = admitted.channel;
     const data = parseData(message.data);
     for (const handler of [...(this._handlers.get(message.event) ?? [])]) {
       try {

@@ -181,3 +181,29 @@ test('the stream URL carries topics and the resume cursor', () => {
   );
   assert.equal(streamUrl('https://push.example/events', [], null, undefined), 'https://push.example/events');
 });
+
+test('a handover replays copies: each tab drops what it showed, keeps the rest', () => {
+  // Tab X showed two messages from the old leader's connection.
+  const tab = new RecentSet();
+  const start = cursor({ broadcast: '1-0', 'user:a': '1-0' });
+  const m1 = cursor({ broadcast: '2-0', 'user:a': '1-0' });
+  const m2 = cursor({ broadcast: '2-0', 'user:a': '3-0' });
+  assert.deepEqual(tab.admit(advancedPositions(start, m1)), { channel: 'broadcast' });
+  assert.deepEqual(tab.admit(advancedPositions(m1, m2)), { channel: 'user:a' });
+
+  // The new leader resumed from an older cursor (broadcast 1-0); the node
+  // moved the other channel to its tip at once, and replays broadcast 2-0.
+  const resumedFrom = cursor({ broadcast: '1-0' });
+  const r1 = cursor({ broadcast: '2-0', 'user:a': '3-0' });
+  assert.equal(tab.admit(advancedPositions(resumedFrom, r1)), null, 'shown already');
+  // What neither connection had shown before is new, on its channel.
+  const r2 = cursor({ broadcast: '4-0', 'user:a': '3-0' });
+  assert.deepEqual(tab.admit(advancedPositions(r1, r2)), { channel: 'broadcast' });
+  // A message published without a stream id leaves the cursor as it was:
+  // it is never a copy (nothing replays it), and its channel is unknown.
+  assert.deepEqual(tab.admit(advancedPositions(r2, r2)), { channel: undefined });
+  assert.deepEqual(tab.admit(advancedPositions(r2, r2)), { channel: undefined });
+  // A cursor in another format is deduplicated by its text.
+  assert.deepEqual(tab.admit(advancedPositions('x1', 'x2')), { channel: undefined });
+  assert.equal(tab.admit(advancedPositions('x1', 'x2')), null);
+});
