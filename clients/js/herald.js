@@ -448,7 +448,11 @@ export class Herald {
         if (this._leader) this._post({ t: 'state', state: this._state, cursor: this._cursor });
         break;
       case 'state':
-        if (!this._leader) this._setState(message.state);
+        // The leader's connection state is every follower's ('closed' is
+        // only ever this tab's own).
+        if (!this._leader && ['connecting', 'open', 'reconnecting'].includes(message.state)) {
+          this._setState(message.state);
+        }
         break;
       case 'leaving':
         if (!this._leader) this._setState(transition(this._state, 'leader-gone'));
