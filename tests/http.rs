@@ -170,8 +170,9 @@ async fn the_demo_page_is_served() {
         page.headers
     );
     assert!(
-        page.text().contains("EventSource"),
-        "the demo page uses EventSource"
+        page.text()
+            .contains(r#"import { Herald } from "/herald.js";"#),
+        "the demo page uses herald.js"
     );
 }
 

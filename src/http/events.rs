@@ -81,9 +81,11 @@ async fn open_session(
 ) -> Result<Session, ApiError> {
     let mut topics = Vec::new();
     let mut query_token = None;
+    let mut query_cursor = None;
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match &*key {
             "topic" => topics.push(value.into_owned()),
+            "last_event_id" => query_cursor = Some(value.into_owned()),
             "access_token" if state.allow_query_token => query_token = Some(value.into_owned()),
             _ => {}
         }
@@ -111,11 +113,19 @@ async fn open_session(
         }
     }
 
+    // A new EventSource (a reload, another tab) cannot set the header, so
+    // it may pass the cursor as `?last_event_id=`; the header wins.
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
-        .filter(|v| !v.is_empty());
+        .filter(|v| !v.is_empty())
+        .or_else(|| {
+            query_cursor
+                .as_deref()
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        });
     let session = Session::start(&state.hub, &state.session, &claims, channels, last_event_id);
     // Boxed: the start-up future is large and must not stay allocated in
     // the connection's task for the whole life of the stream.

@@ -3,6 +3,7 @@
 //! listeners so metrics are never exposed by accident.
 
 mod admin;
+mod client;
 pub mod cors;
 mod events;
 mod publish;
@@ -59,6 +60,7 @@ pub fn public_router(state: AppState) -> Router {
     let cors = state.cors.clone();
     let router = Router::new()
         .route("/", get(demo_page))
+        .route("/herald.js", get(client::herald_js))
         .route("/events", get(events::events))
         .route("/publish", post(publish::publish))
         .with_state(state)

@@ -31,7 +31,7 @@ fn e2e_dir() -> PathBuf {
 
 /// A Node.js script with piped stdio: parsed stdout lines arrive on a
 /// channel, stderr is kept for failure messages.
-struct Script {
+pub(crate) struct Script {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: mpsc::UnboundedReceiver<Value>,
@@ -39,7 +39,7 @@ struct Script {
 }
 
 impl Script {
-    fn spawn(script: &str, config: &Value) -> Script {
+    pub(crate) fn spawn(script: &str, config: &Value) -> Script {
         let dir = e2e_dir();
         let mut child = Command::new("node")
             .arg(dir.join(script))
@@ -85,20 +85,20 @@ impl Script {
         }
     }
 
-    fn stderr_tail(&self) -> String {
+    pub(crate) fn stderr_tail(&self) -> String {
         let tail = self.stderr.lock().expect("stderr lock");
         tail.iter().cloned().collect::<Vec<_>>().join("\n")
     }
 
     /// The next stdout line, or `None` after `timeout` or at EOF.
-    async fn next(&mut self, timeout: Duration) -> Option<Value> {
+    pub(crate) async fn next(&mut self, timeout: Duration) -> Option<Value> {
         tokio::time::timeout(timeout, self.lines.recv())
             .await
             .ok()
             .flatten()
     }
 
-    async fn send(&mut self, command: &str) {
+    pub(crate) async fn send(&mut self, command: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
         stdin
             .write_all(format!("{command}\n").as_bytes())

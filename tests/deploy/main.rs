@@ -12,6 +12,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod browser_client;
 mod clients;
 mod cluster;
 
@@ -588,7 +589,13 @@ async fn chromium_shows_a_notification_on_the_demo_page_through_nginx() {
     }));
     let live = browser.next(Duration::from_secs(60)).await;
     assert_eq!(live["type"], "live", "{live}\n{}", browser.stderr_tail());
-    assert_eq!(live["status"], "live");
+    assert_eq!(live["status"], "open");
+    assert!(
+        live["role"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("This tab leads")),
+        "{live}"
+    );
     assert!(
         live["detail"]
             .as_str()

@@ -5,7 +5,7 @@
 // argv[2]: {"base": "http://127.0.0.1:PORT", "token": "JWT", "expect": "TEXT",
 //           "form": "TEXT", "screenshot": "PATH"}
 // stdout, one JSON object per line:
-//   {"type":"live","status":...}    the page says "live" (herald.ready arrived);
+//   {"type":"live","status":...}    the page says "open" (herald.ready arrived);
 //                                   the test now publishes EXPECT from elsewhere
 //   {"type":"done","status":...,"items":[{"event","data"}],"publishResult":...}
 //                                   EXPECT appeared; then FORM was sent with the
@@ -37,6 +37,7 @@ const snapshot = async () => {
   return page.evaluate(() => ({
     status: document.getElementById('status')?.textContent ?? null,
     detail: document.getElementById('status-detail')?.textContent ?? null,
+    role: document.getElementById('role')?.textContent ?? null,
     publishResult: document.getElementById('publish-result')?.textContent ?? null,
     items: [...document.querySelectorAll('#notifications li')].map((li) => ({
       event: li.querySelector('.event')?.textContent ?? '',
@@ -65,7 +66,7 @@ try {
   page.on('pageerror', (err) => process.stderr.write(`page error: ${err.message}\n`));
 
   await page.goto(`${config.base}/`, { timeout: WAIT_MS });
-  await page.waitForSelector('#status[data-state="live"]', { timeout: WAIT_MS });
+  await page.waitForSelector('#status[data-state="open"]', { timeout: WAIT_MS });
   emit({ type: 'live', ...(await snapshot()) });
 
   // Published by the test, elsewhere (straight into Redis).
