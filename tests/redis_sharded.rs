@@ -469,3 +469,135 @@ async fn a_killed_master_is_replaced_by_its_replica_and_clients_keep_receiving()
         assert_eq!(metric(node, "herald_redis_shards").await, 3.0);
     }
 }
+
+/// Moves `slot` from the master on `src` to the one on `dst` the way
+/// `redis-cli --cluster reshard` does: IMPORTING/MIGRATING, MIGRATE of
+/// every key, then SETSLOT NODE everywhere.
+async fn migrate_slot(slot: i64, src: u16, dst: u16, masters: Vec<u16>) {
+    let slot = slot.to_string();
+    let src_id = Cluster::node_id(src).await;
+    let dst_id = Cluster::node_id(dst).await;
+    let mut from = Resp::connect(src).await;
+    let mut to = Resp::connect(dst).await;
+    to.call_ok(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &src_id])
+        .await;
+    from.call_ok(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &dst_id])
+        .await;
+    loop {
+        let keys = from
+            .call_ok(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"])
+            .await;
+        let keys: Vec<String> = keys.array().iter().map(RespValue::text).collect();
+        if keys.is_empty() {
+            break;
+        }
+        let dst_port = dst.to_string();
+        let mut migrate = vec!["MIGRATE", "127.0.0.1", &dst_port, "", "0", "5000", "KEYS"];
+        migrate.extend(keys.iter().map(String::as_str));
+        from.call_ok(&migrate).await;
+    }
+    to.call_ok(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id])
+        .await;
+    from.call_ok(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id])
+        .await;
+    for port in masters.into_iter().filter(|p| *p != src && *p != dst) {
+        Resp::connect(port)
+            .await
+            .call_ok(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id])
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn a_live_channels_slot_migrating_to_another_master_loses_and_repeats_nothing() {
+    let cluster = Cluster::start().await;
+    let nodes = three_nodes(&cluster).await;
+    let mut load = Load::connect(&cluster, &nodes).await;
+    let publisher = cluster_publisher(&cluster);
+    let key = pubsub_key(&format!("user:{}", load.users[0]));
+    let slot = cluster.slot(&key).await;
+    let src = cluster.owner(&key).await;
+    let masters: Vec<u16> = cluster.masters().await.into_keys().collect();
+    let dst = *masters.iter().find(|p| **p != src).expect("another master");
+
+    let mut migration = None;
+    let acked = load
+        .publish(&publisher, 1000, 300, async {
+            migration = Some(tokio::spawn(migrate_slot(slot, src, dst, masters.clone())));
+        })
+        .await;
+    migration
+        .expect("the migration started")
+        .await
+        .expect("the migration finished");
+    assert_eq!(cluster.owner(&key).await, dst, "the slot moved");
+    let received = load.received(&acked).await;
+    for (got, acked) in received.iter().zip(&acked) {
+        let acked: Vec<usize> = acked.iter().map(|(n, _)| *n).collect();
+        assert_eq!(got, &acked, "every message once, in order");
+    }
+    assert!(
+        !shard_channels(src).await.contains(&key),
+        "nobody listens for the channel on its old master"
+    );
+    wait_metric(
+        &nodes[0],
+        "herald_redis_topology_changes_total",
+        WAIT,
+        |v| v >= 1.0,
+    )
+    .await;
+    // Whoever holds the user now subscribes it where the slot lives.
+    let holders = wait_until(WAIT, || async { shard_channels(dst).await.contains(&key) }).await;
+    assert!(holders, "the channel is subscribed on its new master");
+}
+
+#[tokio::test]
+async fn a_node_started_while_the_cluster_forms_becomes_ready_when_it_has() {
+    let cluster = Cluster::unformed();
+    let node = start_node(&cluster);
+    assert_eq!(
+        get(&node.admin_url("/readyz")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no slots are served yet"
+    );
+    cluster.create().await;
+    wait_ready(&node).await;
+    let mut alice = Sse::open(&node, &token("alice")).await;
+    publish_ok(&node, "user:alice", json!("formed")).await;
+    let seen = alice.collect(1, WAIT).await;
+    assert_eq!(data(&seen), ["formed"]);
+}
+
+#[tokio::test]
+async fn garbage_spublished_on_a_herald_shard_channel_is_counted_and_dropped() {
+    let cluster = Cluster::start().await;
+    let node = cluster_node(&cluster).await;
+    let mut alice = Sse::open(&node, &token("alice")).await;
+    let key = pubsub_key("user:alice");
+    let before = metric(&node, "herald_messages_invalid_total").await;
+    let mut owner = Resp::connect(cluster.owner(&key).await).await;
+    for garbage in [
+        &b"not json"[..],
+        b"{\"data\":",
+        b"\xff\xfe",
+        b"{\"id\":\"x\",\"data\":1}",
+    ] {
+        let delivered = owner
+            .call_ok(&[b"SPUBLISH".as_slice(), key.as_bytes(), garbage])
+            .await
+            .int();
+        assert_eq!(delivered, 1, "the node listens on the channel's shard");
+    }
+    wait_metric(&node, "herald_messages_invalid_total", WAIT, |v| {
+        v >= before + 4.0
+    })
+    .await;
+    publish_ok(&node, "user:alice", json!("after the garbage")).await;
+    let seen = alice.collect(1, WAIT).await;
+    assert_eq!(
+        data(&seen),
+        ["after the garbage"],
+        "garbage never reaches a client"
+    );
+}
