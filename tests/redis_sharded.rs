@@ -95,6 +95,22 @@ async fn evalsha_spublish(cluster: &Cluster, channel: &str, data_json: &str) -> 
         .await
 }
 
+/// `herald publish --redis-cluster`, as an operator would run it.
+async fn herald_publish_cli(cluster: &Cluster, channel: &str, data: &str) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["publish", "--redis-cluster", "--redis-url", &cluster.urls()])
+        .args(["--channel", channel, data])
+        .env_remove("HERALD_REDIS_URL")
+        .output()
+        .await
+        .expect("run herald publish");
+    assert!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("\"id\""),
+        "herald publish --redis-cluster failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 fn cluster_publisher(cluster: &Cluster) -> herald::Publisher {
     herald::Publisher::redis_cluster(
         herald::broker::redis::RedisConfig {
@@ -173,6 +189,7 @@ async fn users_on_every_node_get_what_is_published_through_any_path() {
             ))
             .await
             .expect("publish through herald::Publisher");
+        herald_publish_cli(&cluster, &channel, &format!("cli {user}")).await;
     }
     publish_ok(&nodes[2], "broadcast", json!("to everyone")).await;
 
@@ -186,6 +203,7 @@ async fn users_on_every_node_get_what_is_published_through_any_path() {
                 format!("http {user}"),
                 format!("script {user}"),
                 format!("rust {user}"),
+                format!("cli {user}"),
                 "to everyone".to_string()
             ],
             "{user} gets its own messages, once, in order, and nobody else's"

@@ -319,8 +319,11 @@ impl ShardedTask {
         let interval = self.store.config().probe_interval;
         let mut probe = tokio::time::interval_at(Instant::now() + interval, interval);
         let mut probe_seq: u64 = 0;
-        // Slot maps read in the background, one per probe tick.
+        // Slot maps read in the background, at most one at a time.
         let (maps, mut seen_maps) = mpsc::channel::<Topology>(1);
+        let mut reading: Option<tokio::task::JoinHandle<()>> = None;
+        // A slot map that differs from the session's, seen once.
+        let mut changed: Option<Topology> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return Ended::Stop,
@@ -339,23 +342,35 @@ impl ShardedTask {
                     }
                 }
                 map = seen_maps.recv() => {
-                    if map.is_some_and(|map| map.complete() && map != session.topology) {
-                        return Ended::Lost("cluster topology changed".into());
+                    let Some(map) = map else { continue };
+                    if !map.complete() || map == session.topology {
+                        changed = None;
+                    } else if changed.as_ref() == Some(&map) {
+                        return Ended::Reshaped("the slot map changed".into());
+                    } else {
+                        // Nodes may disagree for a moment while gossip
+                        // spreads a change: act on a map seen twice.
+                        changed = Some(map);
                     }
                 }
                 _ = probe.tick() => {
                     for shard in &mut session.shards {
                         if let Some((_, sent)) = shard.outstanding {
-                            if sent.elapsed() >= interval / 2 {
-                                shard.up = false;
+                            if sent.elapsed() < interval / 2 {
+                                continue;
                             }
+                            // Down; probed again from the next tick, so it
+                            // counts as up again once it answers.
+                            shard.up = false;
+                            shard.outstanding = None;
                             continue;
                         }
                         probe_seq += 1;
                         shard.outstanding = Some((probe_seq, Instant::now()));
                         // From its own task so a slow shard never stalls the
                         // relay; a failed probe just does not come back.
-                        let (store, key, seq) = (self.store.clone(), shard.probe_key.clone(), probe_seq);
+                        let (store, key, seq) =
+                            (self.store.clone(), shard.probe_key.clone(), probe_seq);
                         tokio::spawn(async move {
                             if let Err(e) = send_probe(&store, &key, seq).await {
                                 tracing::debug!(error = %e, "shard probe publish failed");
@@ -364,16 +379,22 @@ impl ShardedTask {
                     }
                     let up = session.shards.iter().filter(|s| s.up).count();
                     metrics::get().redis_shards.set(up as f64);
-                    if let Some(down) = session.shards.iter().find(|s| !s.up && self.holds_subscribed_slots(&session.topology, &s.addr)) {
-                        return Ended::Lost(format!("shard {} does not answer its probe", down.addr));
-                    }
-                    let (store, maps) = (self.store.clone(), maps.clone());
-                    tokio::spawn(async move {
-                        match read_topology(&store).await {
-                            Ok(map) => { let _ = maps.try_send(map); }
-                            Err(e) => tracing::debug!(error = %e, "slot map read failed"),
-                        }
+                    let silent = session.shards.iter().find(|s| {
+                        !s.up && self.holds_subscribed_slots(&session.topology, &s.addr)
                     });
+                    if let Some(down) = silent {
+                        let reason = format!("shard {} does not answer its probe", down.addr);
+                        return Ended::Lost(reason);
+                    }
+                    if reading.as_ref().is_none_or(|r| r.is_finished()) {
+                        let (store, maps) = (self.store.clone(), maps.clone());
+                        reading = Some(tokio::spawn(async move {
+                            match read_topology(&store).await {
+                                Ok(map) => { let _ = maps.try_send(map); }
+                                Err(e) => tracing::debug!(error = %e, "slot map read failed"),
+                            }
+                        }));
+                    }
                 }
             }
         }
@@ -441,7 +462,7 @@ impl ShardedTask {
                     return None;
                 }
                 // The server dropped a subscription: its slot moved.
-                Some(Ended::Lost(
+                Some(Ended::Reshaped(
                     "a subscribed slot moved to another shard".into(),
                 ))
             }

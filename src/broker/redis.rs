@@ -671,6 +671,9 @@ pub(super) enum Ended {
     Stop,
     /// Connection lost, a command failed, or the probe went missing.
     Lost(String),
+    /// Everything still answers, but the subscriptions must move (a Redis
+    /// Cluster changed shape): reconnect at once, staying ready.
+    Reshaped(String),
 }
 
 /// A pub/sub task: connects, subscribes, relays until the connection is
@@ -696,14 +699,20 @@ pub(super) async fn run_sessions(mut task: impl Sessions, stop: CancellationToke
             _ = stop.cancelled() => return,
             attempt = task.session(sessions, &stop) => attempt,
         };
-        task.subscriptions().set_connected(false);
         if subscribed {
             sessions += 1;
             failures = 0;
         }
         match ended {
             Ended::Stop => return,
+            Ended::Reshaped(reason) => {
+                // Nothing is down: no backoff beyond a breath, so a burst
+                // of changes cannot spin, and readiness stays on (the
+                // refill after the new session covers the moment between).
+                tracing::info!(%reason, "redis cluster changed shape; resubscribing");
+            }
             Ended::Lost(reason) => {
+                task.subscriptions().set_connected(false);
                 if failures == 0 {
                     tracing::warn!(%reason, "redis pub/sub lost; reconnecting");
                 } else {
