@@ -571,6 +571,42 @@ async fn a_live_channels_slot_migrating_to_another_master_loses_and_repeats_noth
 }
 
 #[tokio::test]
+async fn a_master_added_and_given_a_live_channels_slot_carries_it() {
+    let mut cluster = Cluster::start().await;
+    let nodes = three_nodes(&cluster).await;
+    let mut load = Load::connect(&cluster, &nodes).await;
+    let publisher = cluster_publisher(&cluster);
+    let key = pubsub_key(&format!("user:{}", load.users[0]));
+    let slot = cluster.slot(&key).await;
+    let src = cluster.owner(&key).await;
+    let added = cluster.add_master().await;
+    let mut masters: Vec<u16> = cluster.masters().await.into_keys().collect();
+    masters.push(added);
+
+    let mut migration = None;
+    let acked = load
+        .publish(&publisher, 600, 200, async {
+            migration = Some(tokio::spawn(migrate_slot(slot, src, added, masters)));
+        })
+        .await;
+    migration
+        .expect("the migration started")
+        .await
+        .expect("the migration finished");
+    let received = load.received(&acked).await;
+    for (got, acked) in received.iter().zip(&acked) {
+        let acked: Vec<usize> = acked.iter().map(|(n, _)| *n).collect();
+        assert_eq!(got, &acked, "every message once, in order");
+    }
+    let moved = wait_until(WAIT, || async {
+        shard_channels(added).await.contains(&key)
+    })
+    .await;
+    assert!(moved, "the channel is subscribed on the added master");
+    wait_metric(&nodes[0], "herald_redis_shards", WAIT, |v| v == 4.0).await;
+}
+
+#[tokio::test]
 async fn a_node_started_while_the_cluster_forms_becomes_ready_when_it_has() {
     let cluster = Cluster::unformed();
     let node = start_node(&cluster);

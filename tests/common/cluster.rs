@@ -49,6 +49,62 @@ impl Cluster {
         Cluster { nodes }
     }
 
+    /// Starts a seventh server and joins it as an empty master; returns its
+    /// port once every node knows it.
+    pub(crate) async fn add_master(&mut self) -> u16 {
+        let node = Redis::launch(&[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            NODE_TIMEOUT_MS,
+        ]);
+        let port = node.port();
+        let existing = format!("127.0.0.1:{}", self.nodes[0].port());
+        let output = Command::new("redis-cli")
+            .args([
+                "--cluster",
+                "add-node",
+                &format!("127.0.0.1:{port}"),
+                &existing,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster add-node");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster add-node failed:\n{}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        self.nodes.push(node);
+        let id = Cluster::node_id(port).await;
+        let known = wait_until(SETTLE, || async {
+            let info = Resp::connect(port)
+                .await
+                .call_ok(&["CLUSTER", "INFO"])
+                .await
+                .text();
+            if !info.contains("cluster_state:ok") {
+                return false;
+            }
+            for port in self.live_ports() {
+                let nodes = Resp::connect(port)
+                    .await
+                    .call_ok(&["CLUSTER", "NODES"])
+                    .await
+                    .text();
+                if !nodes.contains(&id) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        assert!(known, "the new master never joined every node's view");
+        port
+    }
+
     /// Joins the servers (`--cluster-replicas 1`) and waits until the
     /// cluster is ok everywhere and every replica has synced.
     pub(crate) async fn create(&self) {
