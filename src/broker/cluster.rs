@@ -64,6 +64,7 @@ pub fn start(
             node_id,
             subs,
             topology: None,
+            probe_tags: Vec::new(),
         }
     }))
 }
@@ -164,6 +165,9 @@ struct ShardedTask {
     subs: Subscriptions,
     /// The slot map of the last session, to count shape changes.
     topology: Option<Topology>,
+    /// For each slot, a probe name number that hashes to it (built on
+    /// first use).
+    probe_tags: Vec<Option<u32>>,
 }
 
 /// A live session's connection and what it was built on.
@@ -219,18 +223,32 @@ impl ShardedTask {
         &self.store.config().prefix
     }
 
-    /// A probe key for this node that hashes into one of `ranges`.
-    fn probe_key(&self, ranges: &[(u16, u16)]) -> Option<String> {
-        // A shard owning k slots is hit after ~16384/k tries; bounded for a
-        // shard that owns none.
-        (0..4 * SLOTS).find_map(|n| {
-            let key = format!("{}:probe:{{{}.{n}}}", self.prefix(), self.node_id);
-            let slot = slot_of(&key);
-            ranges
-                .iter()
-                .any(|(start, end)| (*start..=*end).contains(&slot))
-                .then_some(key)
-        })
+    /// A probe key for this node that hashes into the first of `ranges`.
+    fn probe_key(&mut self, ranges: &[(u16, u16)]) -> Option<String> {
+        let (slot, _) = ranges.first()?;
+        if self.probe_tags.is_empty() {
+            // Once per process: a tag for every slot. About 170k hashes
+            // find them all (coupon collector); the bound is far beyond.
+            let mut tags = vec![None; SLOTS as usize];
+            let mut missing = SLOTS;
+            for n in 0..64 * SLOTS {
+                let entry = &mut tags[usize::from(slot_of(&self.probe_name(n)))];
+                if entry.is_none() {
+                    *entry = Some(n);
+                    missing -= 1;
+                    if missing == 0 {
+                        break;
+                    }
+                }
+            }
+            self.probe_tags = tags;
+        }
+        let n = (*self.probe_tags.get(usize::from(*slot))?)?;
+        Some(self.probe_name(n))
+    }
+
+    fn probe_name(&self, n: u32) -> String {
+        format!("{}:probe:{{{}.{n}}}", self.prefix(), self.node_id)
     }
 
     async fn connect(&mut self, number: u64) -> Result<Session, Ended> {
@@ -252,18 +270,17 @@ impl ShardedTask {
             Ok(Err(e)) => return Err(Ended::Lost(format!("cluster pub/sub connect: {e}"))),
             Err(_) => return Err(Ended::Lost("cluster pub/sub connect timed out".into())),
         };
-        let shards: Vec<Shard> = topology
-            .masters
-            .iter()
-            .filter_map(|(addr, ranges)| {
-                Some(Shard {
+        let mut shards = Vec::with_capacity(topology.masters.len());
+        for (addr, ranges) in &topology.masters {
+            if let Some(probe_key) = self.probe_key(ranges) {
+                shards.push(Shard {
                     addr: addr.clone(),
-                    probe_key: self.probe_key(ranges)?,
+                    probe_key,
                     outstanding: None,
                     up: true,
-                })
-            })
-            .collect();
+                });
+            }
+        }
         let prefix = self.prefix().to_owned();
         let keys: Vec<String> = self
             .subs
