@@ -391,12 +391,29 @@ impl Load {
     }
 }
 
+/// Three nodes for the load tests. A failover pauses the old master's
+/// writes (and the history script) for up to a second or so; the refill
+/// afterwards hands each connection what was published meanwhile in one
+/// burst. A queue smaller than that burst would cut the connection as slow
+/// (it would resume by cursor, losing nothing), so these nodes get a queue
+/// that holds the whole run: the tests check that the stream itself stays.
 async fn three_nodes(cluster: &Cluster) -> Vec<Node> {
-    vec![
-        cluster_node(cluster).await,
-        cluster_node(cluster).await,
-        cluster_node(cluster).await,
-    ]
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let urls = cluster.urls();
+        let node = Node::start(&[
+            "--redis-url",
+            &urls,
+            "--redis-cluster",
+            "--redis-probe-interval",
+            PROBE,
+            "--queue-capacity",
+            "2048",
+        ]);
+        wait_ready(&node).await;
+        nodes.push(node);
+    }
+    nodes
 }
 
 #[tokio::test]
