@@ -672,3 +672,93 @@ async fn garbage_spublished_on_a_herald_shard_channel_is_counted_and_dropped() {
         "garbage never reaches a client"
     );
 }
+
+/// A base port for `deploy/cluster up --redis-cluster --port P` whose
+/// derived ports (nginx P, nodes P+1.., admin P+1101.., six Redis servers
+/// from P-1700 and their cluster bus ports +10000) are all free.
+fn free_script_base_port() -> u16 {
+    for _ in 0..50 {
+        let base: u16 = rand::random_range(20_000..30_000);
+        let mut ports = vec![base];
+        for i in 0..6 {
+            ports.extend([base - 1700 + i, base - 1700 + i + 10_000]);
+        }
+        for i in 1..=3 {
+            ports.extend([base + i, base + 1100 + i]);
+        }
+        if ports
+            .iter()
+            .all(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no free port range for deploy/cluster");
+}
+
+/// Runs `deploy/cluster ARGS` with the test build of herald.
+fn cluster_script(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/cluster"))
+        .args(args)
+        .env("HERALD_BIN", env!("CARGO_BIN_EXE_herald"))
+        .output()
+        .expect("run deploy/cluster")
+}
+
+/// `deploy/cluster down` on drop, so a failed test leaves nothing running.
+struct ScriptCluster(String);
+
+impl Drop for ScriptCluster {
+    fn drop(&mut self) {
+        let _ = cluster_script(&["down", "--dir", &self.0]);
+    }
+}
+
+#[tokio::test]
+async fn deploy_cluster_up_with_a_redis_cluster_serves_through_nginx() {
+    let dir = tempfile::tempdir().expect("run dir");
+    let run = dir.path().to_str().expect("utf-8 path").to_owned();
+    let port = free_script_base_port().to_string();
+    let _cluster = ScriptCluster(run.clone());
+    let up = cluster_script(&[
+        "up",
+        "--redis-cluster",
+        "--no-prometheus",
+        "--port",
+        &port,
+        "--dir",
+        &run,
+    ]);
+    assert!(
+        up.status.success(),
+        "deploy/cluster up --redis-cluster failed:\n{}{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let status = cluster_script(&["status", "--dir", &run]);
+    let report = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "status: {report}");
+    assert_eq!(report.matches(", master").count(), 3, "{report}");
+    assert_eq!(report.matches(", slave").count(), 3, "{report}");
+
+    let demo = std::fs::read_to_string(dir.path().join("demo-token")).expect("demo token");
+    let auth = common::bearer(demo.trim());
+    let url = format!("http://127.0.0.1:{port}");
+    let mut sse = Sse::connect(&format!("{url}/events"), &[("authorization", &auth)])
+        .await
+        .unwrap_or_else(|r| panic!("GET /events through nginx: {}", r.status));
+    sse.wait_ready(WAIT).await;
+    let body = json!({"channel": "user:demo", "data": "through nginx"}).to_string();
+    let reply = common::request(
+        hyper::Method::POST,
+        &format!("{url}/publish"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(data(&sse.collect(1, WAIT).await), ["through nginx"]);
+}
