@@ -3,15 +3,16 @@
 //! Publishing, history reads and scripts go through
 //! [`RedisStore::cluster`], routed by slot. Live delivery is one task, run
 //! by the same reconnect loop as the single-Redis broker
-//! ([`super::redis::run_sessions`]): a session is one RESP3 cluster
+//! (`run_sessions` in [`super::redis`]): a session is one RESP3 cluster
 //! connection (one multiplexed connection per master, shard channels
 //! subscribed where their slot lives) and the slot map it was built on.
 //!
-//! A change of the cluster's shape ends the session, exactly as a lost
-//! connection does: the server's `sunsubscribe` push (the slot moved away),
-//! a lost shard connection, a shard whose probe stops coming back (a master
-//! demoted by a failover keeps its subscribers but gets no more traffic),
-//! or a slot map that differs from the session's. The next session reads
+//! A change of the cluster's shape ends the session: the server's
+//! `sunsubscribe` push (the slot moved away) or a slot map that differs
+//! from the session's (the node stays ready and reconnects at once), a lost
+//! shard connection or a shard whose probe stops coming back (a master
+//! demoted by a failover keeps its subscribers but gets no more traffic;
+//! these turn the node unready until it is back). The next session reads
 //! the slot map again, subscribes every channel where it lives now (all at
 //! once, pipelined), and the hub refills each active channel from its
 //! stream after the last id it dispatched — the single-Redis refill — so
@@ -187,10 +188,15 @@ impl Sessions for ShardedTask {
     }
 
     async fn session(&mut self, number: u64, stop: &CancellationToken) -> (Ended, bool) {
-        match self.connect(number).await {
+        let (ended, subscribed) = match self.connect(number).await {
             Ok(session) => (self.relay(session, stop).await, true),
             Err(ended) => (ended, false),
+        };
+        if matches!(ended, Ended::Lost(_)) {
+            // Until the next session proves otherwise, no shard is known up.
+            metrics::get().redis_shards.set(0.0);
         }
+        (ended, subscribed)
     }
 }
 
