@@ -87,6 +87,10 @@ pub struct ServeConfig {
     /// Redis backbone (redis:// or rediss://); unset = embedded broker.
     #[arg(long, env = "HERALD_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// `--redis-url` names a Redis Cluster (several seed URLs,
+    /// comma-separated, allowed): sharded pub/sub, calls routed by slot.
+    #[arg(long, env = "HERALD_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
     /// Namespace for Redis keys and channels.
     #[arg(long, env = "HERALD_CHANNEL_PREFIX", default_value = "herald")]
     pub channel_prefix: String,
@@ -181,6 +185,10 @@ pub struct PublishArgs {
     /// Publish straight to Redis with the publish script instead of over HTTP.
     #[arg(long, env = "HERALD_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// `--redis-url` names a Redis Cluster (seed URLs, comma-separated):
+    /// the publish script runs on the channel's shard and uses `SPUBLISH`.
+    #[arg(long, env = "HERALD_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
     /// Namespace for Redis keys and channels (with --redis-url).
     #[arg(long, env = "HERALD_CHANNEL_PREFIX", default_value = "herald")]
     pub channel_prefix: String,

@@ -9,7 +9,8 @@
 //! - [`sse`]: SSE frame encoding and the resume [`sse::Cursor`].
 //! - [`frame`]: a message validated and encoded once, shared by connections.
 //! - [`broker`]: the pub/sub + history backbone ([`broker::memory`] embedded,
-//!   [`broker::redis`] shared); knows nothing of connections.
+//!   [`broker::redis`] shared, [`broker::cluster`] sharded pub/sub on a Redis
+//!   Cluster); knows nothing of connections.
 //! - [`hub`]: local channel → connections table, refcounted subscriptions,
 //!   encode-once fanout, slow-client cuts.
 //! - [`mailbox`]: a connection's bounded frame queue; the slow-client cut.

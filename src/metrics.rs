@@ -77,6 +77,10 @@ pub struct Metrics {
     pub redis_connected: Gauge,
     /// `herald_redis_reconnects_total`.
     pub redis_reconnects: Counter,
+    /// `herald_redis_shards`: Redis Cluster shards whose pub/sub answers.
+    pub redis_shards: Gauge,
+    /// `herald_redis_topology_changes_total`: cluster shape changes seen.
+    pub redis_topology_changes: Counter,
 }
 
 impl Metrics {
@@ -176,6 +180,15 @@ fn describe() {
         "herald_redis_reconnects_total",
         "Reconnects of the Redis pub/sub connection."
     );
+    describe_gauge!(
+        "herald_redis_shards",
+        "Redis Cluster shards (masters) whose pub/sub connection is up and probed."
+    );
+    describe_counter!(
+        "herald_redis_topology_changes_total",
+        "Redis Cluster shape changes (slot moved, failover, master added or lost) \
+         after which this node resubscribed where the slots now live."
+    );
 }
 
 /// The metric handles; call [`install`] first or they record nowhere.
@@ -201,6 +214,8 @@ pub fn get() -> &'static Metrics {
             subscribed_channels: gauge!("herald_subscribed_channels"),
             redis_connected: gauge!("herald_redis_connected"),
             redis_reconnects: counter!("herald_redis_reconnects_total"),
+            redis_shards: gauge!("herald_redis_shards"),
+            redis_topology_changes: counter!("herald_redis_topology_changes_total"),
         };
         // Make every series visible from the first scrape.
         for c in m.closed.iter().chain(m.rejected.iter()) {
@@ -215,6 +230,7 @@ pub fn get() -> &'static Metrics {
             &m.replayed,
             &m.resets,
             &m.redis_reconnects,
+            &m.redis_topology_changes,
         ] {
             c.increment(0);
         }

@@ -66,20 +66,23 @@ impl Node {
         let node_id = format!("{:08x}", rand::random::<u32>());
         let (deliveries, incoming) = mpsc::unbounded_channel();
         let broker: Arc<dyn Broker> = match &config.redis_url {
-            Some(url) => Arc::new(
-                RedisBroker::start(
-                    RedisConfig {
-                        url: url.clone(),
-                        prefix: config.channel_prefix.clone(),
-                        history_size: config.history_size,
-                        history_ttl: config.history_ttl,
-                        probe_interval: config.redis_probe_interval,
-                    },
-                    &node_id,
-                    deliveries,
+            Some(url) => {
+                let redis = RedisConfig {
+                    url: url.clone(),
+                    prefix: config.channel_prefix.clone(),
+                    history_size: config.history_size,
+                    history_ttl: config.history_ttl,
+                    probe_interval: config.redis_probe_interval,
+                };
+                Arc::new(
+                    if config.redis_cluster {
+                        crate::broker::cluster::start(redis, &node_id, deliveries)
+                    } else {
+                        RedisBroker::start(redis, &node_id, deliveries)
+                    }
+                    .context("--redis-url")?,
                 )
-                .context("--redis-url")?,
-            ),
+            }
             None => Arc::new(MemoryBroker::new(
                 deliveries,
                 config.history_size as usize,

@@ -90,6 +90,17 @@ impl Publisher {
         Ok(Publisher::new(Arc::new(store), max_payload))
     }
 
+    /// Like [`Publisher::redis`], for a Redis Cluster: `config.url` holds
+    /// one or more seed URLs (comma-separated); each message goes to its
+    /// channel's shard and is published there with `SPUBLISH`.
+    pub fn redis_cluster(
+        config: crate::broker::redis::RedisConfig,
+        max_payload: usize,
+    ) -> Result<Self, BrokerError> {
+        let store = crate::broker::redis::RedisStore::cluster(config)?;
+        Ok(Publisher::new(Arc::new(store), max_payload))
+    }
+
     /// Validates a message without publishing it.
     pub fn check(&self, message: Message) -> Result<Checked, PublishError> {
         let channel = Channel::parse(&message.channel)

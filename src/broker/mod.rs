@@ -8,8 +8,10 @@
 //! sender it was built with.
 //!
 //! Implementations: [`memory::MemoryBroker`] (embedded, one node) and
-//! [`redis::RedisBroker`] (any number of nodes sharing Redis).
+//! [`redis::RedisBroker`] (any number of nodes sharing Redis, or a Redis
+//! Cluster with sharded pub/sub: [`cluster`]).
 
+pub mod cluster;
 pub mod memory;
 pub mod redis;
 

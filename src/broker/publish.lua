@@ -7,8 +7,14 @@
 -- ARGV[2]  data as JSON text (a JSON string is delivered as its text)
 -- ARGV[3]  history size (entries kept, approximately: MAXLEN ~)
 -- ARGV[4]  history TTL in seconds (idle history expires)
+-- ARGV[5]  optional: the pub/sub command, PUBLISH (default) or SPUBLISH
+--          (Redis Cluster, sharded pub/sub)
 -- Returns the new entry id, "<ms>-<seq>".
 local event, data = ARGV[1], ARGV[2]
+local command = ARGV[5] or 'PUBLISH'
+if command ~= 'PUBLISH' and command ~= 'SPUBLISH' then
+  return redis.error_reply('ERR herald: ARGV[5] must be PUBLISH or SPUBLISH')
+end
 if not pcall(cjson.decode, data) then
   return redis.error_reply('ERR herald: data must be JSON text')
 end
@@ -22,6 +28,6 @@ local named = ''
 if event ~= '' then
   named = ',"event":"' .. event .. '"'
 end
-redis.call('PUBLISH', KEYS[2],
+redis.call(command, KEYS[2],
   '{"id":"' .. id .. '"' .. named .. ',"data":' .. data .. ',"ts":' .. ms .. '}')
 return id

@@ -1,8 +1,11 @@
 //! The Redis backbone: any number of nodes share one Redis.
 //!
 //! - [`RedisStore`] publishes (the publish script: XADD + EXPIRE + PUBLISH,
-//!   atomically) and reads history, through a deadpool-redis pool. App
-//!   services get the same through [`crate::Publisher::redis`].
+//!   atomically) and reads history, through a deadpool-redis pool — or, for
+//!   a Redis Cluster, through a cluster connection that routes each call by
+//!   its channel's slot and publishes with `SPUBLISH`. App services get the
+//!   same through [`crate::Publisher::redis`] and
+//!   [`crate::Publisher::redis_cluster`].
 //! - [`RedisBroker`] adds the node's single pub/sub connection, owned by one
 //!   task that takes (un)subscribe commands over a channel. The `broadcast`
 //!   channel is always subscribed. When the connection is lost — or silently
@@ -21,6 +24,7 @@ use deadpool::managed::{self, Object, Pool, RecycleResult};
 use deadpool_redis::Runtime;
 use futures_util::StreamExt as _;
 use redis::aio::MultiplexedConnection;
+use redis::cluster_async::ClusterConnection;
 use redis::RedisError;
 use redis::{Script, Value};
 use serde_json::value::RawValue;
@@ -39,7 +43,7 @@ const HISTORY_SCRIPT: &str = include_str!("history.lua");
 
 /// How long one Redis command (or a connect) may take before it counts as
 /// failed; keeps a hung Redis from hanging requests.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -61,14 +65,14 @@ pub struct RedisConfig {
 /// `rediss://` uses rustls; its crypto comes from `ring` (pure Rust and
 /// assembly, nothing to install). Installed once per process; an embedding
 /// application that installed its own provider keeps it.
-fn install_tls_provider() {
+pub(super) fn install_tls_provider() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
 }
 
-fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+pub(super) fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
@@ -131,15 +135,75 @@ fn settle<T>(
 }
 
 /// What can be sent to Redis on a pooled connection.
-enum Request<'a> {
+pub(super) enum Request<'a> {
     Cmd(&'a redis::Cmd),
     Script(&'a redis::ScriptInvocation<'a>),
 }
 
-/// Publishing and history over a connection pool.
+/// Where a store's commands go.
+#[derive(Clone)]
+enum Backend {
+    /// One Redis, through a pool of multiplexed connections.
+    Single(Pool<Multiplexed>),
+    /// A Redis Cluster: one multiplexed connection per node, commands routed
+    /// by slot, `MOVED`/`ASK` followed and the slot map refreshed by the
+    /// `redis` crate.
+    Cluster(Arc<LazyCluster>),
+}
+
+/// A cluster connection made on first use, so a store builds while the
+/// cluster is down or still forming; a failed connect is retried by the
+/// next call. Once made, the connection keeps itself current.
+struct LazyCluster {
+    client: redis::cluster::ClusterClient,
+    connection: tokio::sync::Mutex<Option<ClusterConnection>>,
+}
+
+impl LazyCluster {
+    async fn get(&self) -> Result<ClusterConnection, BrokerError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            return Ok(connection.clone());
+        }
+        let connection = tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_connection())
+            .await
+            .map_err(|_| unavailable("cluster connect timed out"))?
+            .map_err(|e| unavailable(format!("cluster connect: {e}")))?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+}
+
+/// A cluster client for `--redis-url`'s comma-separated seed URLs, with
+/// every connect and reply bounded by [`COMMAND_TIMEOUT`].
+pub(super) fn cluster_client(
+    urls: &str,
+    configure: impl FnOnce(redis::cluster::ClusterClientBuilder) -> redis::cluster::ClusterClientBuilder,
+) -> Result<redis::cluster::ClusterClient, BrokerError> {
+    install_tls_provider();
+    let seeds: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if seeds.is_empty() {
+        return Err(unavailable("--redis-url names no cluster node"));
+    }
+    let builder = redis::cluster::ClusterClientBuilder::new(seeds)
+        .connection_timeout(COMMAND_TIMEOUT)
+        .response_timeout(COMMAND_TIMEOUT)
+        .retries(CLUSTER_RETRIES);
+    configure(builder).build().map_err(unavailable)
+}
+
+/// How often a cluster command is retried (following `MOVED`/`ASK`, or
+/// waiting out a failover) before it fails.
+const CLUSTER_RETRIES: u32 = 6;
+
+/// Publishing and history over a connection pool (or a cluster connection).
 #[derive(Clone)]
 pub struct RedisStore {
-    pool: Pool<Multiplexed>,
+    backend: Backend,
     config: Arc<RedisConfig>,
     publish: Arc<Script>,
     history: Arc<Script>,
@@ -159,27 +223,73 @@ impl RedisStore {
             .build()
             .map_err(unavailable)?;
         Ok(RedisStore {
-            pool,
+            backend: Backend::Single(pool),
             config: Arc::new(config),
             publish: Arc::new(Script::new(PUBLISH_SCRIPT)),
             history: Arc::new(Script::new(HISTORY_SCRIPT)),
         })
     }
 
-    async fn connection(&self) -> Result<Connection, BrokerError> {
-        self.pool.get().await.map_err(unavailable)
+    /// A store on the Redis Cluster named by `config.url` (seed URLs,
+    /// comma-separated): calls are routed by slot and the publish script
+    /// publishes with `SPUBLISH`. Connects lazily, like [`RedisStore::new`].
+    pub fn cluster(config: RedisConfig) -> Result<Self, BrokerError> {
+        let client = cluster_client(&config.url, |b| b)?;
+        Ok(RedisStore {
+            backend: Backend::Cluster(Arc::new(LazyCluster {
+                client,
+                connection: tokio::sync::Mutex::new(None),
+            })),
+            config: Arc::new(config),
+            publish: Arc::new(Script::new(PUBLISH_SCRIPT)),
+            history: Arc::new(Script::new(HISTORY_SCRIPT)),
+        })
+    }
+
+    /// The store's settings.
+    pub(super) fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    /// The cluster connection of a cluster store (`None` for one Redis).
+    pub(super) async fn cluster_connection(
+        &self,
+    ) -> Option<Result<ClusterConnection, BrokerError>> {
+        match &self.backend {
+            Backend::Single(_) => None,
+            Backend::Cluster(cluster) => Some(cluster.get().await),
+        }
     }
 
     /// Runs one request, once more on a fresh connection if the pooled one
     /// turned out broken (Redis restarted since it was opened).
-    async fn query<T: redis::FromRedisValue>(
+    pub(super) async fn query<T: redis::FromRedisValue>(
         &self,
         request: Request<'_>,
         what: &str,
     ) -> Result<T, BrokerError> {
+        let pool = match &self.backend {
+            Backend::Single(pool) => pool,
+            Backend::Cluster(cluster) => {
+                let mut conn = cluster.get().await?;
+                let result = match request {
+                    Request::Cmd(cmd) => {
+                        tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async(&mut conn)).await
+                    }
+                    Request::Script(script) => {
+                        tokio::time::timeout(COMMAND_TIMEOUT, script.invoke_async(&mut conn)).await
+                    }
+                };
+                return match result {
+                    Ok(Ok(value)) => Ok(value),
+                    Ok(Err(e)) => Err(unavailable(format!("{what}: {e}"))),
+                    Err(_) => Err(unavailable(format!("{what} timed out"))),
+                };
+            }
+        };
         let mut retried = false;
         loop {
-            let mut conn = self.connection().await?;
+            let mut conn = pool.get().await.map_err(unavailable)?;
             let result = match request {
                 Request::Cmd(cmd) => {
                     tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async(&mut *conn)).await
@@ -212,6 +322,10 @@ impl RedisStore {
             .arg(data)
             .arg(self.config.history_size)
             .arg(self.config.history_ttl.as_secs().max(1));
+        if matches!(self.backend, Backend::Cluster(_)) {
+            // Sharded pub/sub: the message goes to its slot's shard only.
+            invocation.arg("SPUBLISH");
+        }
         let id: String = self.query(Request::Script(&invocation), "publish").await?;
         id.parse()
             .map_err(|_| unavailable("publish script returned a bad id"))
@@ -372,12 +486,17 @@ impl Store for RedisStore {
     }
 }
 
-enum Command {
+/// A subscription change, from the broker handle to its pub/sub task.
+pub(super) enum Command {
+    /// Start receiving the channel; the sender is told once it is live.
     Subscribe(Channel, oneshot::Sender<()>),
+    /// Stop receiving the channel.
     Unsubscribe(Channel),
 }
 
-/// A node's Redis broker: [`RedisStore`] plus the pub/sub task.
+/// A node's Redis broker: [`RedisStore`] plus the pub/sub task (one
+/// connection to one Redis, or sharded pub/sub on a Redis Cluster: see
+/// [`super::cluster`]).
 pub struct RedisBroker {
     store: RedisStore,
     commands: mpsc::UnboundedSender<Command>,
@@ -397,26 +516,35 @@ impl RedisBroker {
     ) -> Result<Self, BrokerError> {
         let client = redis::Client::open(config.url.as_str()).map_err(unavailable)?;
         let store = RedisStore::new(config)?;
+        let probe_key = format!("{}:probe:{node_id}", store.config.prefix);
+        Ok(RedisBroker::launch(store, deliveries, |store, subs| {
+            PubSubTask {
+                client,
+                store,
+                probe_key,
+                subs,
+            }
+        }))
+    }
+
+    /// A broker over `store` whose pub/sub task `task` builds (the
+    /// single-Redis one or the sharded cluster one).
+    pub(super) fn launch<T: Sessions + 'static>(
+        store: RedisStore,
+        deliveries: Deliveries,
+        task: impl FnOnce(RedisStore, Subscriptions) -> T,
+    ) -> Self {
         let (commands, receiver) = mpsc::unbounded_channel();
         let connected = Arc::new(AtomicBool::new(false));
         let stop = CancellationToken::new();
-        let task = PubSubTask {
-            client,
-            store: store.clone(),
-            probe_key: format!("{}:probe:{node_id}", store.config.prefix),
-            commands: receiver,
-            deliveries,
-            connected: connected.clone(),
-            desired: HashSet::from([Channel::broadcast()]),
-            waiting: Vec::new(),
-        };
-        tokio::spawn(task.run(stop.clone()));
-        Ok(RedisBroker {
+        let subs = Subscriptions::new(receiver, deliveries, connected.clone());
+        tokio::spawn(run_sessions(task(store.clone(), subs), stop.clone()));
+        RedisBroker {
             store,
             commands,
             connected,
             stop,
-        })
+        }
     }
 }
 
@@ -469,77 +597,57 @@ impl Broker for RedisBroker {
     }
 }
 
-/// Owns the pub/sub connection. Everything about subscriptions happens on
-/// this one task, so there is no lock and no reordering.
-struct PubSubTask {
-    client: redis::Client,
-    store: RedisStore,
-    /// This node's probe channel (outside Herald's channel namespace).
-    probe_key: String,
-    commands: mpsc::UnboundedReceiver<Command>,
-    deliveries: Deliveries,
+/// What a pub/sub task keeps across its sessions (connections): the
+/// commands it takes, where messages go, and the channels it must hold.
+/// Shared by the single-Redis task and the cluster one.
+pub(super) struct Subscriptions {
+    pub(super) commands: mpsc::UnboundedReceiver<Command>,
+    pub(super) deliveries: Deliveries,
+    /// Readiness: true while every subscription is live.
     connected: Arc<AtomicBool>,
     /// Channels this node needs; resubscribed after every reconnect.
-    desired: HashSet<Channel>,
+    pub(super) desired: HashSet<Channel>,
     /// Subscribers waiting for the connection to come (back) up.
-    waiting: Vec<oneshot::Sender<()>>,
+    pub(super) waiting: Vec<oneshot::Sender<()>>,
 }
 
-/// Why a live pub/sub session ended.
-enum Ended {
-    /// The broker was dropped or the node is stopping.
-    Stop,
-    /// Connection lost, a command failed, or the probe went missing.
-    Lost(String),
-}
-
-impl PubSubTask {
-    async fn run(mut self, stop: CancellationToken) {
-        let mut failures: u32 = 0;
-        let mut sessions: u64 = 0;
-        loop {
-            let (ended, subscribed) = tokio::select! {
-                _ = stop.cancelled() => return,
-                attempt = self.session(sessions, &stop) => attempt,
-            };
-            self.set_connected(false);
-            if subscribed {
-                sessions += 1;
-                failures = 0;
-            }
-            match ended {
-                Ended::Stop => return,
-                Ended::Lost(reason) => {
-                    if failures == 0 {
-                        tracing::warn!(%reason, "redis pub/sub lost; reconnecting");
-                    } else {
-                        tracing::debug!(%reason, failures, "redis pub/sub still down");
-                    }
-                    failures += 1;
-                }
-            }
-            let delay = backoff(failures);
-            let wake = Instant::now() + delay;
-            // Keep taking commands while waiting, so the desired set stays
-            // current and nothing queues up unboundedly.
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep_until(wake) => break,
-                    command = self.commands.recv() => match command {
-                        Some(command) => self.apply_offline(command),
-                        None => return,
-                    },
-                }
-            }
+impl Subscriptions {
+    pub(super) fn new(
+        commands: mpsc::UnboundedReceiver<Command>,
+        deliveries: Deliveries,
+        connected: Arc<AtomicBool>,
+    ) -> Self {
+        Subscriptions {
+            commands,
+            deliveries,
+            connected,
+            desired: HashSet::from([Channel::broadcast()]),
+            waiting: Vec::new(),
         }
     }
 
-    fn set_connected(&self, up: bool) {
+    pub(super) fn set_connected(&self, up: bool) {
         self.connected.store(up, Ordering::Relaxed);
         metrics::get()
             .redis_connected
             .set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Every subscription is live (again): readiness on, waiters told, and,
+    /// after a reconnect (`session > 0`), the hub asked to refill each
+    /// active channel from its stream after the last id it dispatched.
+    /// `Err` when the hub is gone.
+    pub(super) fn went_live(&mut self, session: u64, channels: usize) -> Result<(), ()> {
+        self.set_connected(true);
+        for ack in self.waiting.drain(..) {
+            let _ = ack.send(());
+        }
+        if session > 0 {
+            metrics::get().redis_reconnects.increment(1);
+            tracing::info!(channels, "redis pub/sub reconnected; refilling gaps");
+            return self.deliveries.send(Delivery::Resubscribed).map_err(drop);
+        }
+        Ok(())
     }
 
     fn apply_offline(&mut self, command: Command) {
@@ -555,16 +663,106 @@ impl PubSubTask {
             }
         }
     }
+}
 
-    /// Connects, subscribes everything, then relays messages and commands
-    /// until the connection is lost. Also says whether it got subscribed.
+/// Why a live pub/sub session ended.
+pub(super) enum Ended {
+    /// The broker was dropped or the node is stopping.
+    Stop,
+    /// Connection lost, a command failed, or the probe went missing.
+    Lost(String),
+    /// Everything still answers, but the subscriptions must move (a Redis
+    /// Cluster changed shape): reconnect at once, staying ready.
+    Reshaped(String),
+}
+
+/// A pub/sub task: connects, subscribes, relays until the connection is
+/// lost; [`run_sessions`] does the reconnecting around it.
+pub(super) trait Sessions: Send {
+    fn subscriptions(&mut self) -> &mut Subscriptions;
+
+    /// One connection's life; also says whether it got subscribed.
+    fn session(
+        &mut self,
+        number: u64,
+        stop: &CancellationToken,
+    ) -> impl std::future::Future<Output = (Ended, bool)> + Send;
+}
+
+/// Runs sessions until `stop`, reconnecting with capped, jittered backoff
+/// and keeping the desired set current while disconnected.
+pub(super) async fn run_sessions(mut task: impl Sessions, stop: CancellationToken) {
+    let mut failures: u32 = 0;
+    let mut sessions: u64 = 0;
+    loop {
+        let (ended, subscribed) = tokio::select! {
+            _ = stop.cancelled() => return,
+            attempt = task.session(sessions, &stop) => attempt,
+        };
+        if subscribed {
+            sessions += 1;
+            failures = 0;
+        }
+        match ended {
+            Ended::Stop => return,
+            Ended::Reshaped(reason) => {
+                // Nothing is down: no backoff beyond a breath, so a burst
+                // of changes cannot spin, and readiness stays on (the
+                // refill after the new session covers the moment between).
+                tracing::info!(%reason, "redis cluster changed shape; resubscribing");
+            }
+            Ended::Lost(reason) => {
+                task.subscriptions().set_connected(false);
+                if failures == 0 {
+                    tracing::warn!(%reason, "redis pub/sub lost; reconnecting");
+                } else {
+                    tracing::debug!(%reason, failures, "redis pub/sub still down");
+                }
+                failures += 1;
+            }
+        }
+        let delay = backoff(failures);
+        let wake = Instant::now() + delay;
+        // Keep taking commands while waiting, so the desired set stays
+        // current and nothing queues up unboundedly.
+        let subscriptions = task.subscriptions();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(wake) => break,
+                command = subscriptions.commands.recv() => match command {
+                    Some(command) => subscriptions.apply_offline(command),
+                    None => return,
+                },
+            }
+        }
+    }
+}
+
+/// Owns the pub/sub connection. Everything about subscriptions happens on
+/// this one task, so there is no lock and no reordering.
+struct PubSubTask {
+    client: redis::Client,
+    store: RedisStore,
+    /// This node's probe channel (outside Herald's channel namespace).
+    probe_key: String,
+    subs: Subscriptions,
+}
+
+impl Sessions for PubSubTask {
+    fn subscriptions(&mut self) -> &mut Subscriptions {
+        &mut self.subs
+    }
+
     async fn session(&mut self, number: u64, stop: &CancellationToken) -> (Ended, bool) {
         match self.connect(number).await {
             Ok((sink, stream)) => (self.relay(sink, stream, stop).await, true),
             Err(ended) => (ended, false),
         }
     }
+}
 
+impl PubSubTask {
     async fn connect(
         &mut self,
         number: u64,
@@ -577,28 +775,22 @@ impl PubSubTask {
             Err(_) => return Err(Ended::Lost("connect timed out".into())),
         };
         let (mut sink, stream) = pubsub.split();
-        let mut keys: Vec<String> = self.desired.iter().map(|c| c.pubsub_key(&prefix)).collect();
+        let mut keys: Vec<String> = self
+            .subs
+            .desired
+            .iter()
+            .map(|c| c.pubsub_key(&prefix))
+            .collect();
         keys.push(self.probe_key.clone());
         match tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(&keys)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(Ended::Lost(e.to_string())),
             Err(_) => return Err(Ended::Lost("subscribe timed out".into())),
         }
-        self.set_connected(true);
-        for ack in self.waiting.drain(..) {
-            let _ = ack.send(());
-        }
-        if number > 0 {
-            metrics::get().redis_reconnects.increment(1);
-            tracing::info!(
-                channels = keys.len(),
-                "redis pub/sub reconnected; refilling gaps"
-            );
-            // Everything missed while down is in the streams: the hub reads
-            // each active channel after the last id it dispatched.
-            if self.deliveries.send(Delivery::Resubscribed).is_err() {
-                return Err(Ended::Stop);
-            }
+        // Everything missed while down is in the streams: the hub reads
+        // each active channel after the last id it dispatched.
+        if self.subs.went_live(number, keys.len()).is_err() {
+            return Err(Ended::Stop);
         }
         Ok((sink, stream))
     }
@@ -637,16 +829,16 @@ impl PubSubTask {
                         continue;
                     };
                     let payload = Bytes::copy_from_slice(message.get_payload_bytes());
-                    if self.deliveries.send(Delivery::Message { channel, payload }).is_err() {
+                    if self.subs.deliveries.send(Delivery::Message { channel, payload }).is_err() {
                         return Ended::Stop;
                     }
                 }
-                command = self.commands.recv() => {
+                command = self.subs.commands.recv() => {
                     let Some(command) = command else { return Ended::Stop };
                     let result = match command {
                         Command::Subscribe(channel, ack) => {
                             let key = channel.pubsub_key(&prefix);
-                            let fresh = self.desired.insert(channel);
+                            let fresh = self.subs.desired.insert(channel);
                             let done = if fresh {
                                 tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(&key)).await
                             } else {
@@ -655,12 +847,12 @@ impl PubSubTask {
                             if matches!(done, Ok(Ok(()))) {
                                 let _ = ack.send(());
                             } else {
-                                self.waiting.push(ack);
+                                self.subs.waiting.push(ack);
                             }
                             done
                         }
                         Command::Unsubscribe(channel) => {
-                            if channel != Channel::broadcast() && self.desired.remove(&channel) {
+                            if channel != Channel::broadcast() && self.subs.desired.remove(&channel) {
                                 let key = channel.pubsub_key(&prefix);
                                 tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(&key)).await
                             } else {
@@ -677,7 +869,7 @@ impl PubSubTask {
                 _ = probe.tick() => {
                     if let Some((_, sent)) = outstanding {
                         if sent.elapsed() >= interval / 2 {
-                            self.set_connected(false);
+                            self.subs.set_connected(false);
                             return Ended::Lost("probe not delivered: pub/sub is silent".into());
                         }
                         continue;
@@ -699,8 +891,14 @@ impl PubSubTask {
     }
 }
 
-async fn send_probe(store: &RedisStore, key: &str, seq: u64) -> Result<(), BrokerError> {
-    let mut cmd = redis::cmd("PUBLISH");
+/// Publishes probe `seq` on `key` (with `SPUBLISH` on a cluster, so it
+/// goes through the shard that owns the key's slot).
+pub(super) async fn send_probe(store: &RedisStore, key: &str, seq: u64) -> Result<(), BrokerError> {
+    let command = match store.backend {
+        Backend::Single(_) => "PUBLISH",
+        Backend::Cluster(_) => "SPUBLISH",
+    };
+    let mut cmd = redis::cmd(command);
     cmd.arg(key).arg(seq);
     store
         .query::<i64>(Request::Cmd(&cmd), "probe")
@@ -709,7 +907,7 @@ async fn send_probe(store: &RedisStore, key: &str, seq: u64) -> Result<(), Broke
 }
 
 /// Capped exponential backoff with full jitter on the upper half.
-fn backoff(failures: u32) -> Duration {
+pub(super) fn backoff(failures: u32) -> Duration {
     let exp = BACKOFF_MIN
         .saturating_mul(1 << failures.min(10))
         .min(BACKOFF_MAX);

@@ -11,6 +11,7 @@
 // Every test binary compiles this module but uses only part of it.
 #![allow(dead_code)]
 
+pub(crate) mod cluster;
 pub(crate) mod proxy;
 pub(crate) mod resp;
 pub(crate) mod wire;
@@ -1222,6 +1223,11 @@ impl Redis {
 
     pub(crate) fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Whether this test started the server and has not killed it.
+    pub(crate) fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Kills the server (SIGKILL) to simulate losing Redis.
