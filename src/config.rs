@@ -53,12 +53,20 @@ pub enum Command {
 /// Flags that configure token verification and signing.
 #[derive(Debug, Clone, Args, Default)]
 pub struct KeyConfig {
-    /// HS256/384/512 shared secret.
-    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
-    /// PEM file with an RS*/PS*/ES*/EdDSA verification key.
-    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY")]
-    pub jwt_public_key: Option<PathBuf>,
+    /// HS256/384/512 shared secret; repeatable (env: comma-separated), any
+    /// of them verifies, the first one signs. Rotate by adding the new one
+    /// first, then dropping the old one once its tokens expired.
+    #[arg(
+        long,
+        env = "HERALD_JWT_SECRET",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub jwt_secret: Vec<String>,
+    /// PEM file with RS*/PS*/ES*/EdDSA verification keys (one file may hold
+    /// several); repeatable (env: comma-separated).
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY", value_delimiter = ',')]
+    pub jwt_public_key: Vec<PathBuf>,
     /// Required `iss` claim.
     #[arg(long, env = "HERALD_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -158,6 +166,12 @@ pub struct TokenArgs {
     /// Lifetime of the token.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub ttl: Duration,
+    /// Allow the server API (`/disconnect`, `/presence`): the `control` claim.
+    #[arg(long)]
+    pub control: bool,
+    /// Key id for the token header (`kid`).
+    #[arg(long)]
+    pub kid: Option<String>,
 }
 
 /// `herald publish`.

@@ -39,7 +39,7 @@ impl Node {
         crate::metrics::get();
 
         let keys = &config.keys;
-        let demo_secret = (keys.jwt_secret.is_none() && keys.jwt_public_key.is_none())
+        let demo_secret = (keys.jwt_secret.is_empty() && keys.jwt_public_key.is_empty())
             .then(|| format!("{:032x}", rand::random::<u128>()));
         let verifier = Verifier::new(keys, demo_secret.as_deref())?;
         let demo_token = match &demo_secret {
