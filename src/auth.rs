@@ -14,7 +14,7 @@ use axum::http::{header, HeaderMap};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::channel::any_pattern_allows;
+use crate::channel::{any_pattern_allows, Channel};
 use crate::config::KeyConfig;
 
 /// Longest accepted `sub`, in bytes.
@@ -53,6 +53,19 @@ impl Claims {
     /// Whether the token allows publishing to the full channel name.
     pub fn allows_publish(&self, channel: &str) -> bool {
         any_pattern_allows(&self.publish, channel)
+    }
+
+    /// Whether a subscriber with this token may read `channel`: its own
+    /// user channel, `broadcast`, or a topic it allows (the `/events` rule).
+    pub fn allows_reading(&self, channel: &Channel) -> bool {
+        let name = channel.as_str();
+        if let Some(user) = name.strip_prefix("user:") {
+            return user == self.sub;
+        }
+        match name.strip_prefix("topic:") {
+            Some(topic) => self.allows_topic(topic),
+            None => name == "broadcast",
+        }
     }
 }
 

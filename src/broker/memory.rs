@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::{BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Store};
+use super::{BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Page, Store};
 use crate::channel::Channel;
 use crate::envelope::{self, now_ms, StreamId};
 
@@ -176,6 +176,26 @@ impl Store for MemoryBroker {
             .map_or(StreamId::ZERO, |log| log.last_id);
         drop(channels);
         Box::pin(async move { Ok(tip) })
+    }
+
+    fn history_before<'a>(
+        &'a self,
+        channel: &'a Channel,
+        before: Option<StreamId>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Page, BrokerError>> {
+        let mut channels = self.channels();
+        let mut page = Page::default();
+        if let Some(log) = self.live_log(&mut channels, channel) {
+            let end = before.map_or(log.entries.len(), |before| {
+                log.entries.partition_point(|(id, _)| *id < before)
+            });
+            let start = end.saturating_sub(limit);
+            page.entries = log.entries.range(start..end).rev().cloned().collect();
+            page.more = start > 0;
+        }
+        drop(channels);
+        Box::pin(async move { Ok(page) })
     }
 }
 

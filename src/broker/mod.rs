@@ -61,6 +61,15 @@ pub enum History {
     Gap,
 }
 
+/// A page of history read newest first ([`Store::history_before`]).
+#[derive(Debug, Default)]
+pub struct Page {
+    /// Entries, newest first.
+    pub entries: Vec<Entry>,
+    /// Whether older entries remain before the last one.
+    pub more: bool,
+}
+
 /// Broker failures; all of them are transient from a client's view (503).
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -95,6 +104,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// The id of the channel's newest entry, [`StreamId::ZERO`] if none.
     fn tip<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<StreamId, BrokerError>>;
+
+    /// At most `limit` entries older than `before` (all entries when
+    /// `None`), newest first: one page of `GET /history`. Redis: one
+    /// `XREVRANGE key (before - COUNT limit+1` on the channel's stream.
+    fn history_before<'a>(
+        &'a self,
+        channel: &'a Channel,
+        before: Option<StreamId>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Page, BrokerError>>;
 }
 
 /// The backbone a node publishes to and subscribes through.

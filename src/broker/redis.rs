@@ -21,6 +21,7 @@ use deadpool::managed::{self, Object, Pool, RecycleResult};
 use deadpool_redis::Runtime;
 use futures_util::StreamExt as _;
 use redis::aio::MultiplexedConnection;
+use redis::streams::StreamRangeReply;
 use redis::RedisError;
 use redis::{Script, Value};
 use serde_json::value::RawValue;
@@ -28,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Store};
+use super::{BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Page, Store};
 use crate::channel::Channel;
 use crate::envelope::{self, StreamId};
 use crate::metrics;
@@ -253,6 +254,26 @@ impl RedisStore {
             _ => Err(unavailable("unexpected XREVRANGE reply")),
         }
     }
+
+    async fn read_before(
+        &self,
+        channel: &Channel,
+        before: Option<StreamId>,
+        limit: usize,
+    ) -> Result<Page, BrokerError> {
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(channel.history_key(&self.config.prefix));
+        match before {
+            Some(before) => cmd.arg(format!("({before}")),
+            None => cmd.arg("+"),
+        };
+        // One more than the page: its presence says whether there is more.
+        cmd.arg("-").arg("COUNT").arg(limit.saturating_add(1));
+        let reply: StreamRangeReply = self.query(Request::Cmd(&cmd), "history page").await?;
+        let more = reply.ids.len() > limit;
+        let entries = reply.ids.iter().take(limit).filter_map(entry_of).collect();
+        Ok(Page { entries, more })
+    }
 }
 
 /// Turns the history script's reply into [`History`]; `None` if malformed.
@@ -288,7 +309,8 @@ fn parse_history(reply: Value, after: StreamId, limit: usize) -> Option<History>
     if deleted > after || after > last || (trimmed && after < first) {
         return Some(History::Gap);
     }
-    let entries: Vec<Entry> = raw.into_iter().filter_map(parse_entry).collect();
+    let raw: StreamRangeReply = redis::from_redis_value(Value::Array(raw)).ok()?;
+    let entries: Vec<Entry> = raw.ids.iter().filter_map(entry_of).collect();
     if entries.len() > limit {
         return Some(History::Gap);
     }
@@ -315,31 +337,16 @@ fn parse_entry_id(entry: &Value) -> Option<StreamId> {
     }
 }
 
-/// One stream entry `[id, [field, value, …]]` → its id and envelope JSON.
-/// Entries whose data is not JSON are skipped (counted as invalid).
-fn parse_entry(entry: Value) -> Option<Entry> {
-    let Value::Array(mut pair) = entry else {
-        return None;
-    };
-    if pair.len() != 2 {
-        return None;
-    }
-    let fields = pair.pop()?;
-    let id: StreamId = text(pair.pop()?)?.parse().ok()?;
-    let Value::Array(fields) = fields else {
-        return None;
-    };
-    let mut event = None;
-    let mut data = None;
-    let mut fields = fields.into_iter();
-    while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
-        match text(name)?.as_str() {
-            "e" => event = text(value).filter(|e| !e.is_empty()),
-            "d" => data = text(value),
-            _ => {}
-        }
-    }
-    let Some(data) = data.and_then(|d| RawValue::from_string(d).ok()) else {
+/// One stream entry (fields `e`: event, `d`: data, as the publish script
+/// writes them) → its id and envelope JSON. Entries whose data is not JSON
+/// are skipped (counted as invalid).
+fn entry_of(entry: &redis::streams::StreamId) -> Option<Entry> {
+    let id: StreamId = entry.id.parse().ok()?;
+    let event = entry.get::<String>("e").filter(|e| !e.is_empty());
+    let data = entry
+        .get::<String>("d")
+        .and_then(|d| RawValue::from_string(d).ok());
+    let Some(data) = data else {
         // Not from the publish script (it checks data is JSON): skip it.
         metrics::get().invalid.increment(1);
         return None;
@@ -369,6 +376,15 @@ impl Store for RedisStore {
 
     fn tip<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<StreamId, BrokerError>> {
         Box::pin(self.read_tip(channel))
+    }
+
+    fn history_before<'a>(
+        &'a self,
+        channel: &'a Channel,
+        before: Option<StreamId>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Page, BrokerError>> {
+        Box::pin(self.read_before(channel, before, limit))
     }
 }
 
@@ -447,6 +463,15 @@ impl Store for RedisBroker {
 
     fn tip<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<StreamId, BrokerError>> {
         self.store.tip(channel)
+    }
+
+    fn history_before<'a>(
+        &'a self,
+        channel: &'a Channel,
+        before: Option<StreamId>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Page, BrokerError>> {
+        self.store.history_before(channel, before, limit)
     }
 }
 

@@ -2,9 +2,11 @@
 //! admin router (`/metrics`, `/healthz`, `/readyz`), kept on separate
 //! listeners so metrics are never exposed by accident.
 
+mod access;
 mod admin;
 pub mod cors;
 mod events;
+mod history;
 mod publish;
 
 use std::sync::Arc;
@@ -62,6 +64,7 @@ pub fn public_router(state: AppState) -> Router {
         .route("/", get(demo_page))
         .route("/events", get(events::events))
         .route("/publish", post(publish::publish))
+        .route("/history", get(history::history))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(cors, cors::layer))
 }

@@ -1,0 +1,22 @@
+//! Who a request is: the one authentication step of every route a browser
+//! calls (`/events`, `/history`), so the token sources, the verification and
+//! the revocation check are the same everywhere.
+
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+
+use super::{ApiError, AppState};
+use crate::auth::{find_token, AuthError, Claims};
+
+/// Authenticates a request from its token: `Authorization: Bearer`, the
+/// cookie, or `query_token` (pass it only when `?access_token=` is allowed).
+pub(crate) async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<Arc<Claims>, ApiError> {
+    let (token, _) =
+        find_token(headers, &state.cookie_name, query_token).ok_or(AuthError::Missing)?;
+    Ok(state.verifier.verify(token)?)
+}
