@@ -81,6 +81,10 @@ pub enum AuthError {
     /// Bad signature, wrong algorithm, wrong iss/aud, not yet valid, or malformed.
     #[error("invalid token: {0}")]
     Invalid(&'static str),
+    /// Issued before its user was logged out everywhere (`POST /disconnect`
+    /// with `revoke`).
+    #[error("token revoked")]
+    Revoked,
 }
 
 /// Why the key configuration could not be loaded.
@@ -415,7 +419,7 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Seconds since the epoch (0 for a clock before it).
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

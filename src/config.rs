@@ -140,6 +140,10 @@ pub struct ServeConfig {
     /// Graceful shutdown budget.
     #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// How long `POST /disconnect` with `revoke` refuses the user's older
+    /// tokens (make it at least your longest token lifetime).
+    #[arg(long, env = "HERALD_REVOCATION_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub revocation_ttl: Duration,
     /// Worker threads (0: one per CPU; 1: everything on one thread, with
     /// tokio's single-threaded scheduler). Several nodes sharing a machine
     /// run best with fewer each: fewer threads waking each other for little

@@ -11,6 +11,7 @@
 //!   [`broker::redis`] shared); knows nothing of connections.
 //! - [`hub`]: local channel → connections table, refcounted subscriptions,
 //!   encode-once fanout, slow-client cuts.
+//! - [`control`]: the server API across nodes: disconnects, revocations.
 //! - [`mailbox`]: a connection's bounded frame queue; the slow-client cut.
 //! - [`session`]: one SSE connection: replay, live frames, heartbeats, expiry.
 //! - [`publisher`]: the single publish path (HTTP, CLI, Rust apps).
@@ -27,6 +28,7 @@ pub mod broker;
 pub mod channel;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod envelope;
 pub mod http;
 pub mod hub;

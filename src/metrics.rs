@@ -21,6 +21,8 @@ pub enum CloseReason {
     Shutdown,
     /// The node failed it.
     Error,
+    /// `POST /disconnect` closed it.
+    Disconnected,
 }
 
 impl CloseReason {
@@ -31,6 +33,7 @@ impl CloseReason {
             CloseReason::Expired => "expired",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Error => "error",
+            CloseReason::Disconnected => "disconnected",
         }
     }
 }
@@ -52,7 +55,7 @@ pub struct Metrics {
     pub connections: Gauge,
     /// `herald_connections_opened_total`.
     pub opened: Counter,
-    closed: [Counter; 5],
+    closed: [Counter; 6],
     rejected: [Counter; 3],
     /// `herald_messages_published_total`.
     pub published: Counter,
@@ -74,6 +77,8 @@ pub struct Metrics {
     pub redis_connected: Gauge,
     /// `herald_redis_reconnects_total`.
     pub redis_reconnects: Counter,
+    /// `herald_disconnects_total`.
+    pub disconnects: Counter,
 }
 
 impl Metrics {
@@ -119,7 +124,7 @@ pub fn install() -> PrometheusHandle {
 pub fn get() -> &'static Metrics {
     METRICS.get_or_init(|| {
         use CloseReason::*;
-        let closed = [Client, Slow, Expired, Shutdown, Error]
+        let closed = [Client, Slow, Expired, Shutdown, Error, Disconnected]
             .map(|r| counter!("herald_connections_closed_total", "reason" => r.label()));
         let rejected = ["auth", "forbidden", "limit"]
             .map(|r| counter!("herald_connections_rejected_total", "reason" => r));
@@ -138,7 +143,12 @@ pub fn get() -> &'static Metrics {
             subscribed_channels: gauge!("herald_subscribed_channels"),
             redis_connected: gauge!("herald_redis_connected"),
             redis_reconnects: counter!("herald_redis_reconnects_total"),
+            disconnects: counter!("herald_disconnects_total"),
         };
+        metrics::describe_counter!(
+            "herald_disconnects_total",
+            "POST /disconnect requests this node carried out (each closes the user's connections on every node)"
+        );
         // Make every series visible from the first scrape.
         for c in m.closed.iter().chain(m.rejected.iter()) {
             c.increment(0);
@@ -152,6 +162,7 @@ pub fn get() -> &'static Metrics {
             &m.replayed,
             &m.resets,
             &m.redis_reconnects,
+            &m.disconnects,
         ] {
             c.increment(0);
         }

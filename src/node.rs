@@ -17,6 +17,7 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisConfig};
 use crate::broker::Broker;
 use crate::config::ServeConfig;
+use crate::control::Control;
 use crate::http::{admin_router, public_router, AppState};
 use crate::hub::{Hub, HubConfig};
 use crate::publisher::Publisher;
@@ -95,7 +96,10 @@ impl Node {
                 heartbeat: config.heartbeat,
             },
         );
-        tokio::spawn(hub.clone().dispatch_from(incoming));
+        let control = Control::new(hub.clone(), config.revocation_ttl);
+        let (control_tx, control_rx) = mpsc::channel(crate::control::CONTROL_QUEUE);
+        tokio::spawn(hub.clone().dispatch_from(incoming, control_tx));
+        tokio::spawn(control.clone().run(control_rx));
         tokio::spawn(hub.clone().sweep());
 
         let state = AppState {
@@ -112,6 +116,7 @@ impl Node {
             shutdown: CancellationToken::new(),
             prometheus,
             cors: crate::http::cors::Cors::new(&config.cors_origins),
+            control,
         };
         Ok(Node {
             config,

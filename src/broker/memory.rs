@@ -28,12 +28,18 @@ struct Shared {
     /// Channel histories. A std mutex: it is never held across an `.await`,
     /// and every critical section is a few pointer moves.
     channels: Mutex<HashMap<Channel, Log>>,
+    /// Live revocations: user channel → (cutoff, when it lapses). Bounded
+    /// by [`MAX_REVOCATIONS`]; lapsed ones are dropped as it fills.
+    revocations: Mutex<HashMap<Channel, (u64, Instant)>>,
     /// Where published messages go; sent under the lock so they arrive in id
     /// order.
     deliveries: Deliveries,
     history_size: usize,
     history_ttl: Duration,
 }
+
+/// Most revocations held at once (each lasts `--revocation-ttl`).
+pub const MAX_REVOCATIONS: usize = 100_000;
 
 struct Log {
     entries: VecDeque<Entry>,
@@ -50,6 +56,7 @@ impl MemoryBroker {
     pub fn new(deliveries: Deliveries, history_size: usize, history_ttl: Duration) -> Self {
         let shared = Arc::new(Shared {
             channels: Mutex::new(HashMap::new()),
+            revocations: Mutex::new(HashMap::new()),
             deliveries,
             history_size: history_size.max(1),
             history_ttl,
@@ -196,6 +203,40 @@ impl Store for MemoryBroker {
         }
         drop(channels);
         Box::pin(async move { Ok(page) })
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        user: &'a Channel,
+        before: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        let mut revocations = lock(&self.shared.revocations);
+        if revocations.len() >= MAX_REVOCATIONS {
+            let now = Instant::now();
+            revocations.retain(|_, (_, lapses)| *lapses > now);
+        }
+        let result = if revocations.len() >= MAX_REVOCATIONS && !revocations.contains_key(user) {
+            Err(BrokerError::Unavailable(format!(
+                "{MAX_REVOCATIONS} revocations are live already"
+            )))
+        } else {
+            revocations.insert(user.clone(), (before, Instant::now() + ttl));
+            Ok(())
+        };
+        drop(revocations);
+        Box::pin(async move { result })
+    }
+
+    fn revoked_before<'a>(
+        &'a self,
+        user: &'a Channel,
+    ) -> BoxFuture<'a, Result<Option<u64>, BrokerError>> {
+        let cutoff = lock(&self.shared.revocations)
+            .get(user)
+            .filter(|(_, lapses)| *lapses > Instant::now())
+            .map(|(cutoff, _)| *cutoff);
+        Box::pin(async move { Ok(cutoff) })
     }
 }
 

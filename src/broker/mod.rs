@@ -15,6 +15,7 @@ pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -114,6 +115,23 @@ pub trait Store: Send + Sync + 'static {
         before: Option<StreamId>,
         limit: usize,
     ) -> BoxFuture<'a, Result<Page, BrokerError>>;
+
+    /// Refuses the tokens of `user` (a `user:` channel) issued before
+    /// `before` (seconds since the epoch), for `ttl`. Redis: one
+    /// `SET <prefix>:{user:<id>}:revoked <before> EX <ttl>`.
+    fn revoke<'a>(
+        &'a self,
+        user: &'a Channel,
+        before: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// The cutoff of `user`'s revocation while it lasts. Redis: one `GET`
+    /// of the key [`Store::revoke`] sets.
+    fn revoked_before<'a>(
+        &'a self,
+        user: &'a Channel,
+    ) -> BoxFuture<'a, Result<Option<u64>, BrokerError>>;
 }
 
 /// The backbone a node publishes to and subscribes through.

@@ -5,7 +5,7 @@
 //!   services get the same through [`crate::Publisher::redis`].
 //! - [`RedisBroker`] adds the node's single pub/sub connection, owned by one
 //!   task that takes (un)subscribe commands over a channel. The `broadcast`
-//!   channel is always subscribed. When the connection is lost — or silently
+//!   and control channels are always subscribed. When the connection is lost — or silently
 //!   stops delivering, which a periodic probe on the node's own channel
 //!   catches — the task reconnects with capped, jittered exponential backoff,
 //!   resubscribes everything, and tells the hub to refill each active
@@ -274,6 +274,28 @@ impl RedisStore {
         let entries = reply.ids.iter().take(limit).filter_map(entry_of).collect();
         Ok(Page { entries, more })
     }
+
+    async fn write_revocation(
+        &self,
+        user: &Channel,
+        before: u64,
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(user.revocation_key(&self.config.prefix))
+            .arg(before)
+            .arg("EX")
+            .arg(ttl.as_secs().max(1));
+        self.query::<()>(Request::Cmd(&cmd), "revoke").await
+    }
+
+    async fn read_revocation(&self, user: &Channel) -> Result<Option<u64>, BrokerError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(user.revocation_key(&self.config.prefix));
+        // Anything but a number was not written by Herald: no revocation.
+        let value: Option<String> = self.query(Request::Cmd(&cmd), "revocation read").await?;
+        Ok(value.and_then(|v| v.parse().ok()))
+    }
 }
 
 /// Turns the history script's reply into [`History`]; `None` if malformed.
@@ -386,6 +408,22 @@ impl Store for RedisStore {
     ) -> BoxFuture<'a, Result<Page, BrokerError>> {
         Box::pin(self.read_before(channel, before, limit))
     }
+
+    fn revoke<'a>(
+        &'a self,
+        user: &'a Channel,
+        before: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(self.write_revocation(user, before, ttl))
+    }
+
+    fn revoked_before<'a>(
+        &'a self,
+        user: &'a Channel,
+    ) -> BoxFuture<'a, Result<Option<u64>, BrokerError>> {
+        Box::pin(self.read_revocation(user))
+    }
 }
 
 enum Command {
@@ -423,7 +461,7 @@ impl RedisBroker {
             commands: receiver,
             deliveries,
             connected: connected.clone(),
-            desired: HashSet::from([Channel::broadcast()]),
+            desired: HashSet::from([Channel::broadcast(), Channel::control()]),
             waiting: Vec::new(),
         };
         tokio::spawn(task.run(stop.clone()));
@@ -472,6 +510,22 @@ impl Store for RedisBroker {
         limit: usize,
     ) -> BoxFuture<'a, Result<Page, BrokerError>> {
         self.store.history_before(channel, before, limit)
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        user: &'a Channel,
+        before: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        self.store.revoke(user, before, ttl)
+    }
+
+    fn revoked_before<'a>(
+        &'a self,
+        user: &'a Channel,
+    ) -> BoxFuture<'a, Result<Option<u64>, BrokerError>> {
+        self.store.revoked_before(user)
     }
 }
 
@@ -574,7 +628,7 @@ impl PubSubTask {
                 self.waiting.push(ack);
             }
             Command::Unsubscribe(channel) => {
-                if channel != Channel::broadcast() {
+                if !channel.is_permanent() {
                     self.desired.remove(&channel);
                 }
             }
@@ -685,7 +739,7 @@ impl PubSubTask {
                             done
                         }
                         Command::Unsubscribe(channel) => {
-                            if channel != Channel::broadcast() && self.desired.remove(&channel) {
+                            if !channel.is_permanent() && self.desired.remove(&channel) {
                                 let key = channel.pubsub_key(&prefix);
                                 tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(&key)).await
                             } else {

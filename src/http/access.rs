@@ -8,6 +8,7 @@ use axum::http::HeaderMap;
 
 use super::{ApiError, AppState};
 use crate::auth::{find_token, AuthError, Claims};
+use crate::control::RevocationError;
 
 /// Authenticates a request from its token: `Authorization: Bearer`, the
 /// cookie, or `query_token` (pass it only when `?access_token=` is allowed).
@@ -18,5 +19,19 @@ pub(crate) async fn authenticate(
 ) -> Result<Arc<Claims>, ApiError> {
     let (token, _) =
         find_token(headers, &state.cookie_name, query_token).ok_or(AuthError::Missing)?;
-    Ok(state.verifier.verify(token)?)
+    let claims = state.verifier.verify(token)?;
+    check_revocation(state, &claims).await?;
+    Ok(claims)
+}
+
+/// Refuses a token its user's revocation ("log out everywhere") covers.
+async fn check_revocation(state: &AppState, claims: &Claims) -> Result<(), ApiError> {
+    state
+        .control
+        .check_revocation(claims)
+        .await
+        .map_err(|e| match e {
+            RevocationError::Revoked => ApiError::Auth(AuthError::Revoked),
+            RevocationError::Broker(b) => ApiError::Unavailable(b.to_string()),
+        })
 }

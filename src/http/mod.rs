@@ -5,6 +5,7 @@
 mod access;
 mod admin;
 pub mod cors;
+mod disconnect;
 mod events;
 mod history;
 mod publish;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub prometheus: PrometheusHandle,
     /// Allowed CORS origins.
     pub cors: cors::Cors,
+    /// Disconnects and revocations across nodes.
+    pub control: crate::control::Control,
 }
 
 impl AppState {
@@ -65,6 +68,7 @@ pub fn public_router(state: AppState) -> Router {
         .route("/events", get(events::events))
         .route("/publish", post(publish::publish))
         .route("/history", get(history::history))
+        .route("/disconnect", post(disconnect::disconnect))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(cors, cors::layer))
 }
@@ -146,5 +150,37 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+// --- Server API helpers (`/disconnect`, `/presence`) ----------------------
+
+/// Largest server API request body.
+const MAX_API_BODY: usize = 4096;
+
+/// The claims of the request's bearer token, which must carry `control`
+/// (401 without a valid token, 403 without the claim). Bearer only, as for
+/// `/publish`: a page must not reach the server API with a visitor's cookie.
+pub(crate) fn require_control(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+) -> Result<Arc<crate::auth::Claims>, ApiError> {
+    let token = crate::auth::bearer_token(headers).ok_or(AuthError::Missing)?;
+    let claims = state.verifier.verify(token)?;
+    if !claims.control {
+        return Err(ApiError::Forbidden(
+            "the server API needs a token with the `control` claim".into(),
+        ));
+    }
+    Ok(claims)
+}
+
+/// Reads a server API request body (at most [`MAX_API_BODY`] bytes).
+pub(crate) async fn api_body(body: axum::body::Body) -> Result<bytes::Bytes, ApiError> {
+    use http_body_util::{BodyExt, LengthLimitError, Limited};
+    match Limited::new(body, MAX_API_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large(MAX_API_BODY)),
+        Err(e) => Err(ApiError::BadRequest(format!("could not read body: {e}"))),
     }
 }

@@ -1,0 +1,232 @@
+//! The server API across nodes: `POST /disconnect` (with and without
+//! `revoke`) on an embedded node and on three nodes sharing one Redis.
+
+mod common;
+
+use bytes::Bytes;
+use common::{
+    bearer, metric, now, publish_ok, request, token, wait_metric, Claims, Node, Redis, Reply, Sse,
+    WAIT,
+};
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+
+/// A token for the server API.
+fn control_token() -> String {
+    Claims::new("ops").set("control", json!(true)).sign()
+}
+
+/// `POST /disconnect` with `body` as `token`.
+async fn disconnect_raw(node: &Node, token: &str, body: &str) -> Reply {
+    let auth = bearer(token);
+    request(
+        Method::POST,
+        &node.url("/disconnect"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        Bytes::from(body.to_owned()),
+    )
+    .await
+}
+
+/// `POST /disconnect` that must succeed; returns the reply's count.
+async fn disconnect(node: &Node, body: Value) -> u64 {
+    let reply = disconnect_raw(node, &control_token(), &body.to_string()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{body}: {}", reply.text());
+    reply.json()["connections"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no connections count: {}", reply.text()))
+}
+
+/// The stream gets `herald.disconnected` with `reason`, then ends.
+async fn assert_disconnected(sse: &mut Sse, reason: &str, which: &str) {
+    let events = sse
+        .read_to_end(WAIT)
+        .await
+        .unwrap_or_else(|| panic!("{which}: the stream stayed open"));
+    let last = events
+        .iter()
+        .rev()
+        .find(|e| e.dispatches())
+        .unwrap_or_else(|| panic!("{which}: no event before the end: {events:?}"));
+    assert_eq!(last.name(), "herald.disconnected", "{which}: {events:?}");
+    assert_eq!(last.json(), json!({ "reason": reason }), "{which}");
+}
+
+/// `GET /events` with `token` is refused with a 401.
+async fn assert_refused(node: &Node, token: &str, which: &str) {
+    let auth = bearer(token);
+    let reply = Sse::connect(&node.url("/events"), &[("authorization", &auth)])
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("{which}: a revoked token opened a stream"));
+    reply.assert_json_error(StatusCode::UNAUTHORIZED);
+}
+
+/// A token for `sub` issued `secs` seconds ago.
+fn issued_ago(sub: &str, secs: i64) -> String {
+    Claims::new(sub).set("iat", json!(now() - secs)).sign()
+}
+
+fn cluster(redis: &Redis) -> Vec<Node> {
+    (0..3)
+        .map(|_| Node::start(&["--redis-url", &redis.url()]))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_closes_the_users_connections_on_every_node_and_no_one_elses() {
+    let redis = Redis::start();
+    let nodes = cluster(&redis);
+    let mut alice = Vec::new();
+    for node in &nodes {
+        alice.push(Sse::open(node, &token("alice")).await);
+    }
+    let mut bob = Sse::open(&nodes[0], &token("bob")).await;
+
+    let closed = disconnect(
+        &nodes[1],
+        json!({"user": "alice", "reason": "account closed"}),
+    )
+    .await;
+    assert_eq!(
+        closed, 1,
+        "one of alice's connections was on the node asked"
+    );
+    for (i, sse) in alice.iter_mut().enumerate() {
+        assert_disconnected(sse, "account closed", &format!("alice on node {i}")).await;
+    }
+    for node in &nodes {
+        wait_metric(
+            node,
+            "herald_connections_closed_total{reason=\"disconnected\"}",
+            WAIT,
+            |v| v == 1.0,
+        )
+        .await;
+    }
+    assert_eq!(metric(&nodes[1], "herald_disconnects_total").await, 1.0);
+
+    // Bob never noticed, and alice may come back: it was no revocation.
+    publish_ok(&nodes[2], "user:bob", json!("still here")).await;
+    let event = bob.next_data(WAIT).await.expect("bob still streams");
+    assert_eq!(event.data(), "still here");
+    let mut again = Sse::open(&nodes[2], &token("alice")).await;
+    publish_ok(&nodes[0], "user:alice", json!("welcome back")).await;
+    assert_eq!(
+        again.next_data(WAIT).await.map(|e| e.data().to_owned()),
+        Some("welcome back".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_refuses_old_tokens_on_every_node_also_one_started_later() {
+    let redis = Redis::start();
+    let nodes = cluster(&redis);
+    let old = issued_ago("alice", 10);
+    let mut streams = Vec::new();
+    for node in &nodes {
+        streams.push(Sse::open(node, &old).await);
+    }
+    // Each node has read (and remembers) that alice is not revoked.
+    let closed = disconnect(&nodes[0], json!({"user": "alice", "revoke": true})).await;
+    assert_eq!(closed, 1);
+    for (i, sse) in streams.iter_mut().enumerate() {
+        assert_disconnected(sse, "revoked", &format!("alice on node {i}")).await;
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        assert_refused(node, &old, &format!("the old token on node {i}")).await;
+    }
+    let later = Node::start(&["--redis-url", &redis.url()]);
+    assert_refused(&later, &old, "the old token on a node started afterwards").await;
+    let history = request(
+        Method::GET,
+        &later.url("/history?channel=user:alice"),
+        &[("authorization", &bearer(&old))],
+        Bytes::new(),
+    )
+    .await;
+    history.assert_json_error(StatusCode::UNAUTHORIZED);
+
+    // A token issued from now on works everywhere; one without `iat` (its
+    // issue time unknown) does not.
+    let fresh = issued_ago("alice", 0);
+    for node in nodes.iter().chain([&later]) {
+        Sse::open(node, &fresh).await;
+    }
+    // Other users are not affected.
+    Sse::open(&later, &issued_ago("bob", 10)).await;
+    assert_refused(&nodes[1], &token("alice"), "a token without iat").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_and_revoke_work_on_the_embedded_broker() {
+    let node = Node::start(&[]);
+    let old = issued_ago("alice", 10);
+    let mut first = Sse::open(&node, &old).await;
+    let mut second = Sse::open(&node, &old).await;
+    let closed = disconnect(&node, json!({"user": "alice", "revoke": true})).await;
+    assert_eq!(closed, 2);
+    assert_disconnected(&mut first, "revoked", "first").await;
+    assert_disconnected(&mut second, "revoked", "second").await;
+    assert_refused(&node, &old, "the old token").await;
+    Sse::open(&node, &issued_ago("alice", 0)).await;
+    assert_eq!(
+        disconnect(&node, json!({"user": "nobody-connected"})).await,
+        0,
+        "a user with no connection is no error"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_disconnect_requests_are_clear_json_errors() {
+    let node = Node::start(&[]);
+    let control = control_token();
+    for (body, why) in [
+        ("{not json", "malformed JSON"),
+        ("{}", "no user"),
+        (r#"{"usr":"42"}"#, "unknown field"),
+        (r#"{"user":""}"#, "empty user"),
+        (r#"{"user":42}"#, "user not a string"),
+        (r#"{"user":"a\nb"}"#, "control character"),
+        (r#"{"user":"42","revoke":"yes"}"#, "revoke not a bool"),
+    ] {
+        let reply = disconnect_raw(&node, &control, body).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{why}: {}",
+            reply.text()
+        );
+        reply.assert_json_error(StatusCode::BAD_REQUEST);
+    }
+    let long_reason = json!({"user": "42", "reason": "x".repeat(300)}).to_string();
+    disconnect_raw(&node, &control, &long_reason)
+        .await
+        .assert_json_error(StatusCode::BAD_REQUEST);
+    let huge = json!({"user": "x".repeat(10_000)}).to_string();
+    disconnect_raw(&node, &control, &huge)
+        .await
+        .assert_json_error(StatusCode::PAYLOAD_TOO_LARGE);
+
+    let body = r#"{"user":"42"}"#;
+    let publisher = Claims::new("svc").publish(&["user:*"]).sign();
+    disconnect_raw(&node, &publisher, body)
+        .await
+        .assert_json_error(StatusCode::FORBIDDEN);
+    disconnect_raw(&node, "garbage", body)
+        .await
+        .assert_json_error(StatusCode::UNAUTHORIZED);
+    // The cookie is not accepted for the server API.
+    let cookie = format!("herald_token={control}");
+    let reply = request(
+        Method::POST,
+        &node.url("/disconnect"),
+        &[("cookie", &cookie)],
+        Bytes::from_static(br#"{"user":"42"}"#),
+    )
+    .await;
+    reply.assert_json_error(StatusCode::UNAUTHORIZED);
+}
