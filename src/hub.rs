@@ -483,7 +483,7 @@ impl Hub {
     }
 }
 
-// --- Server API: `POST /disconnect` -------------------------------------
+// --- Server API: `POST /disconnect`, `GET /presence` ----------------------
 
 impl Hub {
     /// Ends every local connection of `user` (its `user:` channel) with
@@ -505,6 +505,15 @@ impl Hub {
             .values()
             .filter(|link| link.disconnect(frame.clone()))
             .count()
+    }
+
+    /// Every channel with local connections and how many (for presence).
+    pub fn channel_counts(&self) -> Vec<(Channel, usize)> {
+        self.state()
+            .channels
+            .values()
+            .map(|s| (s.channel.clone(), s.links.len()))
+            .collect()
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`hub`]: local channel → connections table, refcounted subscriptions,
 //!   encode-once fanout, slow-client cuts.
 //! - [`control`]: the server API across nodes: disconnects, revocations.
+//! - [`presence`]: this node's connection counts, reported to the broker.
 //! - [`mailbox`]: a connection's bounded frame queue; the slow-client cut.
 //! - [`session`]: one SSE connection: replay, live frames, heartbeats, expiry.
 //! - [`publisher`]: the single publish path (HTTP, CLI, Rust apps).
@@ -34,6 +35,7 @@ pub mod http;
 pub mod hub;
 pub mod mailbox;
 pub mod metrics;
+pub mod presence;
 pub mod publisher;
 pub mod server;
 pub mod session;

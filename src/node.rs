@@ -100,6 +100,7 @@ impl Node {
         let (control_tx, control_rx) = mpsc::channel(crate::control::CONTROL_QUEUE);
         tokio::spawn(hub.clone().dispatch_from(incoming, control_tx));
         tokio::spawn(control.clone().run(control_rx));
+        tokio::spawn(crate::presence::report(hub.clone(), node_id.clone()));
         tokio::spawn(hub.clone().sweep());
 
         let state = AppState {

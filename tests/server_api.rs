@@ -1,12 +1,15 @@
 //! The server API across nodes: `POST /disconnect` (with and without
-//! `revoke`) on an embedded node and on three nodes sharing one Redis.
+//! `revoke`) and `GET /presence`, on an embedded node and on three nodes
+//! sharing one Redis.
 
 mod common;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use common::{
-    bearer, metric, now, publish_ok, request, token, wait_metric, Claims, Node, Redis, Reply, Sse,
-    WAIT,
+    bearer, metric, now, publish_ok, request, token, wait_metric, wait_until, Claims, Node, Redis,
+    Reply, Sse, WAIT,
 };
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -229,4 +232,110 @@ async fn bad_disconnect_requests_are_clear_json_errors() {
     )
     .await;
     reply.assert_json_error(StatusCode::UNAUTHORIZED);
+}
+
+/// `GET /presence?channel=…` as the control token; the reply's counts.
+async fn presence(node: &Node, channel: &str) -> (u64, u64) {
+    let auth = bearer(&control_token());
+    let reply = request(
+        Method::GET,
+        &node.url(&format!("/presence?channel={channel}")),
+        &[("authorization", &auth)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{channel}: {}", reply.text());
+    let body = reply.json();
+    (
+        body["connections"].as_u64().expect("connections"),
+        body["nodes"].as_u64().expect("nodes"),
+    )
+}
+
+/// Polls `/presence` on `node` until it reads `expected`.
+async fn wait_presence(node: &Node, channel: &str, expected: (u64, u64), within: Duration) {
+    let last = std::sync::Mutex::new((0, 0));
+    let reached = wait_until(within, || async {
+        let seen = presence(node, channel).await;
+        *last.lock().expect("lock") = seen;
+        seen == expected
+    })
+    .await;
+    let last = *last.lock().expect("lock");
+    assert!(
+        reached,
+        "{channel}: presence {last:?}, expected {expected:?} within {within:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_counts_connections_and_nodes_across_the_cluster() {
+    let redis = Redis::start();
+    // A short heartbeat: a node notices a closed socket at its next write.
+    let nodes: Vec<Node> = (0..3)
+        .map(|_| Node::start(&["--redis-url", &redis.url(), "--heartbeat", "300ms"]))
+        .collect();
+    let reader = Claims::new("alice").topics(&["news"]).sign();
+    let a1 = Sse::open_at(&nodes[0], "/events?topic=news", &reader).await;
+    let _a2 = Sse::open(&nodes[0], &token("alice")).await;
+    let _a3 = Sse::open_at(&nodes[1], "/events?topic=news", &reader).await;
+    let _b1 = Sse::open(&nodes[2], &token("bob")).await;
+
+    // "At most a few seconds stale": asked of any node, within 5 s.
+    let fresh = Duration::from_secs(5);
+    wait_presence(&nodes[2], "user:alice", (3, 2), fresh).await;
+    wait_presence(&nodes[1], "topic:news", (2, 2), fresh).await;
+    wait_presence(&nodes[0], "broadcast", (4, 3), fresh).await;
+    wait_presence(&nodes[0], "user:nobody", (0, 0), fresh).await;
+
+    drop(a1);
+    wait_presence(&nodes[2], "user:alice", (2, 2), fresh).await;
+    wait_presence(&nodes[2], "topic:news", (1, 1), fresh).await;
+
+    // A node that dies without a goodbye drops out within the expiry (10 s).
+    nodes[1].signal("KILL");
+    let expiry = Duration::from_secs(10) + fresh;
+    wait_presence(&nodes[0], "user:alice", (1, 1), expiry).await;
+    wait_presence(&nodes[0], "topic:news", (0, 0), fresh).await;
+    wait_presence(&nodes[0], "broadcast", (2, 2), fresh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_on_the_embedded_broker_and_bad_presence_requests() {
+    let node = Node::start(&[]);
+    let _alice = Sse::open(&node, &token("alice")).await;
+    wait_presence(&node, "user:alice", (1, 1), Duration::from_secs(5)).await;
+
+    let auth = bearer(&control_token());
+    for (path, status) in [
+        ("/presence", StatusCode::BAD_REQUEST),
+        ("/presence?channel=room:1", StatusCode::BAD_REQUEST),
+        ("/presence?channel=", StatusCode::BAD_REQUEST),
+    ] {
+        let reply = request(
+            Method::GET,
+            &node.url(path),
+            &[("authorization", &auth)],
+            Bytes::new(),
+        )
+        .await;
+        reply.assert_json_error(status);
+    }
+    let user = bearer(&token("alice"));
+    request(
+        Method::GET,
+        &node.url("/presence?channel=user:alice"),
+        &[("authorization", &user)],
+        Bytes::new(),
+    )
+    .await
+    .assert_json_error(StatusCode::FORBIDDEN);
+    request(
+        Method::GET,
+        &node.url("/presence?channel=user:alice"),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .assert_json_error(StatusCode::UNAUTHORIZED);
 }

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::{BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Page, Store};
+use super::{
+    encode_presence, sum_presence, BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry,
+    History, Page, Presence, Store,
+};
 use crate::channel::Channel;
 use crate::envelope::{self, now_ms, StreamId};
 
@@ -31,6 +34,9 @@ struct Shared {
     /// Live revocations: user channel → (cutoff, when it lapses). Bounded
     /// by [`MAX_REVOCATIONS`]; lapsed ones are dropped as it fills.
     revocations: Mutex<HashMap<Channel, (u64, Instant)>>,
+    /// Presence entries: channel → node → `"<count>:<fresh until>"`; only
+    /// channels with connections (a count of 0 removes the entry).
+    presence: Mutex<HashMap<Channel, HashMap<String, String>>>,
     /// Where published messages go; sent under the lock so they arrive in id
     /// order.
     deliveries: Deliveries,
@@ -57,6 +63,7 @@ impl MemoryBroker {
         let shared = Arc::new(Shared {
             channels: Mutex::new(HashMap::new()),
             revocations: Mutex::new(HashMap::new()),
+            presence: Mutex::new(HashMap::new()),
             deliveries,
             history_size: history_size.max(1),
             history_ttl,
@@ -237,6 +244,44 @@ impl Store for MemoryBroker {
             .filter(|(_, lapses)| *lapses > Instant::now())
             .map(|(cutoff, _)| *cutoff);
         Box::pin(async move { Ok(cutoff) })
+    }
+
+    fn report_presence<'a>(
+        &'a self,
+        node: &'a str,
+        counts: &'a [(Channel, usize)],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        let until = now_ms().saturating_add(ttl.as_millis() as u64);
+        let mut presence = lock(&self.shared.presence);
+        for (channel, count) in counts {
+            if *count == 0 {
+                if let Some(nodes) = presence.get_mut(channel) {
+                    nodes.remove(node);
+                    if nodes.is_empty() {
+                        presence.remove(channel);
+                    }
+                }
+            } else {
+                presence
+                    .entry(channel.clone())
+                    .or_default()
+                    .insert(node.to_owned(), encode_presence(*count, until));
+            }
+        }
+        drop(presence);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn presence<'a>(
+        &'a self,
+        channel: &'a Channel,
+    ) -> BoxFuture<'a, Result<Presence, BrokerError>> {
+        let presence = lock(&self.shared.presence)
+            .get(channel)
+            .map(|nodes| sum_presence(nodes.values().map(String::as_str), now_ms()))
+            .unwrap_or_default();
+        Box::pin(async move { Ok(presence) })
     }
 }
 

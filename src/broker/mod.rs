@@ -132,6 +132,56 @@ pub trait Store: Send + Sync + 'static {
         &'a self,
         user: &'a Channel,
     ) -> BoxFuture<'a, Result<Option<u64>, BrokerError>>;
+
+    /// Records node `node`'s connection count on each channel, each fresh
+    /// for `ttl`; a count of 0 removes the node's entry. Redis, per
+    /// channel (single-key commands, pipelined): `HSET
+    /// <prefix>:{<channel>}:presence <node> "<count>:<fresh until, ms>"` and
+    /// `PEXPIRE` of that key by `ttl`, or `HDEL` for 0.
+    fn report_presence<'a>(
+        &'a self,
+        node: &'a str,
+        counts: &'a [(Channel, usize)],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// The channel's connections and nodes holding any, over every node's
+    /// still-fresh entry. Redis: one `HGETALL` of the presence hash.
+    fn presence<'a>(&'a self, channel: &'a Channel)
+        -> BoxFuture<'a, Result<Presence, BrokerError>>;
+}
+
+/// Cluster-wide presence on a channel ([`Store::presence`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Presence {
+    /// Open connections, over all nodes.
+    pub connections: usize,
+    /// Nodes holding at least one of them.
+    pub nodes: usize,
+}
+
+/// One node's presence entry as stored: `"<count>:<fresh until, ms>"`.
+pub fn encode_presence(count: usize, fresh_until_ms: u64) -> String {
+    format!("{count}:{fresh_until_ms}")
+}
+
+/// Sums presence entries (as [`encode_presence`] wrote them) still fresh at
+/// `now_ms`; malformed ones are skipped.
+pub fn sum_presence<'a>(entries: impl Iterator<Item = &'a str>, now_ms: u64) -> Presence {
+    let mut presence = Presence::default();
+    for entry in entries {
+        let Some((count, until)) = entry.split_once(':') else {
+            continue;
+        };
+        let (Ok(count), Ok(until)) = (count.parse::<usize>(), until.parse::<u64>()) else {
+            continue;
+        };
+        if until > now_ms && count > 0 {
+            presence.connections = presence.connections.saturating_add(count);
+            presence.nodes += 1;
+        }
+    }
+    presence
 }
 
 /// The backbone a node publishes to and subscribes through.
@@ -146,4 +196,30 @@ pub trait Broker: Store {
 
     /// Whether the broker is connected (readiness).
     fn is_connected(&self) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_sums_fresh_entries_and_skips_stale_or_malformed_ones() {
+        let entries = [
+            encode_presence(2, 2_000),
+            encode_presence(3, 5_000),
+            encode_presence(7, 999),
+            encode_presence(0, 5_000),
+            "garbage".into(),
+            "1:".into(),
+            "-1:5000".into(),
+        ];
+        let presence = sum_presence(entries.iter().map(String::as_str), 1_000);
+        assert_eq!(
+            presence,
+            Presence {
+                connections: 5,
+                nodes: 2
+            }
+        );
+    }
 }

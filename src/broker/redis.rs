@@ -29,7 +29,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Page, Store};
+use super::{
+    encode_presence, sum_presence, BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry,
+    History, Page, Presence, Store,
+};
 use crate::channel::Channel;
 use crate::envelope::{self, StreamId};
 use crate::metrics;
@@ -131,9 +134,13 @@ fn settle<T>(
     }
 }
 
+/// Channels per presence pipeline.
+const PRESENCE_BATCH: usize = 500;
+
 /// What can be sent to Redis on a pooled connection.
 enum Request<'a> {
     Cmd(&'a redis::Cmd),
+    Pipe(&'a redis::Pipeline),
     Script(&'a redis::ScriptInvocation<'a>),
 }
 
@@ -184,6 +191,9 @@ impl RedisStore {
             let result = match request {
                 Request::Cmd(cmd) => {
                     tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async(&mut *conn)).await
+                }
+                Request::Pipe(pipe) => {
+                    tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async(&mut *conn)).await
                 }
                 Request::Script(script) => {
                     tokio::time::timeout(COMMAND_TIMEOUT, script.invoke_async(&mut *conn)).await
@@ -295,6 +305,44 @@ impl RedisStore {
         // Anything but a number was not written by Herald: no revocation.
         let value: Option<String> = self.query(Request::Cmd(&cmd), "revocation read").await?;
         Ok(value.and_then(|v| v.parse().ok()))
+    }
+
+    async fn write_presence(
+        &self,
+        node: &str,
+        counts: &[(Channel, usize)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let until = envelope::now_ms().saturating_add(ttl.as_millis() as u64);
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        for batch in counts.chunks(PRESENCE_BATCH) {
+            let mut pipe = redis::pipe();
+            for (channel, count) in batch {
+                let key = channel.presence_key(&self.config.prefix);
+                if *count == 0 {
+                    pipe.hdel(&key, node).ignore();
+                } else {
+                    pipe.hset(&key, node, encode_presence(*count, until))
+                        .ignore()
+                        .pexpire(&key, ttl_ms as i64)
+                        .ignore();
+                }
+            }
+            self.query::<()>(Request::Pipe(&pipe), "presence report")
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn read_presence(&self, channel: &Channel) -> Result<Presence, BrokerError> {
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(channel.presence_key(&self.config.prefix));
+        let nodes: std::collections::HashMap<String, String> =
+            self.query(Request::Cmd(&cmd), "presence read").await?;
+        Ok(sum_presence(
+            nodes.values().map(String::as_str),
+            envelope::now_ms(),
+        ))
     }
 }
 
@@ -424,6 +472,22 @@ impl Store for RedisStore {
     ) -> BoxFuture<'a, Result<Option<u64>, BrokerError>> {
         Box::pin(self.read_revocation(user))
     }
+
+    fn report_presence<'a>(
+        &'a self,
+        node: &'a str,
+        counts: &'a [(Channel, usize)],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(self.write_presence(node, counts, ttl))
+    }
+
+    fn presence<'a>(
+        &'a self,
+        channel: &'a Channel,
+    ) -> BoxFuture<'a, Result<Presence, BrokerError>> {
+        Box::pin(self.read_presence(channel))
+    }
 }
 
 enum Command {
@@ -526,6 +590,22 @@ impl Store for RedisBroker {
         user: &'a Channel,
     ) -> BoxFuture<'a, Result<Option<u64>, BrokerError>> {
         self.store.revoked_before(user)
+    }
+
+    fn report_presence<'a>(
+        &'a self,
+        node: &'a str,
+        counts: &'a [(Channel, usize)],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        self.store.report_presence(node, counts, ttl)
+    }
+
+    fn presence<'a>(
+        &'a self,
+        channel: &'a Channel,
+    ) -> BoxFuture<'a, Result<Presence, BrokerError>> {
+        self.store.presence(channel)
     }
 }
 

@@ -8,6 +8,7 @@ pub mod cors;
 mod disconnect;
 mod events;
 mod history;
+mod presence;
 mod publish;
 
 use std::sync::Arc;
@@ -69,6 +70,7 @@ pub fn public_router(state: AppState) -> Router {
         .route("/publish", post(publish::publish))
         .route("/history", get(history::history))
         .route("/disconnect", post(disconnect::disconnect))
+        .route("/presence", get(presence::presence))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(cors, cors::layer))
 }
