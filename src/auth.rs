@@ -81,6 +81,9 @@ pub enum AuthError {
     /// Bad signature, wrong algorithm, wrong iss/aud, not yet valid, or malformed.
     #[error("invalid token: {0}")]
     Invalid(&'static str),
+    /// Names a `kid` no configured or fetched key has.
+    #[error("invalid token: unknown key id")]
+    UnknownKid,
     /// Issued before its user was logged out everywhere (`POST /disconnect`
     /// with `revoke`).
     #[error("token revoked")]
@@ -108,6 +111,9 @@ pub enum KeyError {
     /// An empty secret.
     #[error("--jwt-secret must not be empty")]
     EmptySecret,
+    /// An unusable `--jwt-jwks-url`.
+    #[error("--jwt-jwks-url: {0}")]
+    Jwks(String),
 }
 
 /// Most tokens remembered as verified.
@@ -144,9 +150,37 @@ struct Key {
 /// full it starts over.
 pub struct Verifier {
     keys: Vec<Key>,
+    /// Keys from `--jwt-jwks-url`, when configured.
+    jwks: Option<Jwks>,
+    /// The rules every key shares, for keys that arrive later (JWKS).
+    base: Validation,
     /// Clock skew allowed for `exp` (seconds), for remembered tokens.
     leeway: u64,
     verified: Mutex<HashMap<Box<str>, Arc<Claims>>>,
+}
+
+/// Most keys taken from one JWKS answer.
+const MAX_JWKS_KEYS: usize = 64;
+/// Largest JWKS answer read.
+const MAX_JWKS_BODY: usize = 256 * 1024;
+/// One JWKS fetch may take this long.
+const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
+/// An unknown `kid` refetches the JWKS at most this often.
+pub const JWKS_REFETCH_MIN: Duration = Duration::from_secs(10);
+/// Until the first fetch succeeded, it is retried this often.
+const JWKS_RETRY: Duration = Duration::from_secs(1);
+
+/// The JWKS endpoint and the keys last fetched from it.
+struct Jwks {
+    fetcher: crate::fetch::Fetcher,
+    /// `--jwt-jwks-refresh`.
+    refresh: Duration,
+    /// Replaced whole by each successful fetch; a failed one keeps them.
+    keys: std::sync::RwLock<Arc<Vec<Key>>>,
+    /// Whether a fetch ever succeeded (the node is unready until then).
+    fetched: std::sync::atomic::AtomicBool,
+    /// When the last fetch started; also serialises fetches.
+    last_attempt: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -187,6 +221,32 @@ impl Verifier {
     /// replaces the configured secrets (for the generated demo secret).
     /// Fails on unreadable or unrecognised keys, or when there is none.
     pub fn new(keys: &KeyConfig, secret: Option<&str>) -> Result<Verifier, KeyError> {
+        Self::build(keys, secret, None)
+    }
+
+    /// Like [`Verifier::new`], also verifying with the keys of a JWKS
+    /// endpoint (then static keys are optional). Run
+    /// [`Verifier::keep_jwks_fresh`] to fetch them.
+    pub fn with_jwks(keys: &KeyConfig, url: &str, refresh: Duration) -> Result<Verifier, KeyError> {
+        let fetcher = crate::fetch::Fetcher::new(url).map_err(|e| KeyError::Jwks(e.to_string()))?;
+        Self::build(
+            keys,
+            None,
+            Some(Jwks {
+                fetcher,
+                refresh,
+                keys: std::sync::RwLock::new(Arc::new(Vec::new())),
+                fetched: std::sync::atomic::AtomicBool::new(false),
+                last_attempt: tokio::sync::Mutex::new(None),
+            }),
+        )
+    }
+
+    fn build(
+        keys: &KeyConfig,
+        secret: Option<&str>,
+        jwks: Option<Jwks>,
+    ) -> Result<Verifier, KeyError> {
         let base = base_validation(keys);
         let pinned = |kid: Option<String>, key: DecodingKey, algorithms: Vec<Algorithm>| {
             let mut validation = base.clone();
@@ -217,14 +277,131 @@ impl Verifier {
                 all.push(pinned(None, key, algorithms));
             }
         }
-        if all.is_empty() {
+        if all.is_empty() && jwks.is_none() {
             return Err(KeyError::Missing);
         }
         Ok(Verifier {
             keys: all,
+            jwks,
             leeway: base.leeway,
+            base,
             verified: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// False until the first JWKS fetch succeeded (always true without one).
+    pub fn is_ready(&self) -> bool {
+        self.jwks
+            .as_ref()
+            .is_none_or(|j| j.fetched.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Fetches the JWKS now; on success its keys replace the previous ones
+    /// (and tokens remembered as verified are forgotten, so a removed key's
+    /// tokens stop at once). A failure keeps the last good keys.
+    async fn fetch_jwks(&self, jwks: &Jwks) -> Result<usize, String> {
+        let fetched = jwks
+            .fetcher
+            .get(&[], JWKS_TIMEOUT, MAX_JWKS_BODY)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !fetched.status.is_success() {
+            return Err(format!("status {}", fetched.status));
+        }
+        let set: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_slice(&fetched.body).map_err(|e| format!("not a JWKS: {e}"))?;
+        let keys: Vec<Key> = set
+            .keys
+            .iter()
+            .take(MAX_JWKS_KEYS)
+            .filter_map(|jwk| self.jwk_key(jwk))
+            .collect();
+        let count = keys.len();
+        *jwks
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+        jwks.fetched
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.remembered().clear();
+        Ok(count)
+    }
+
+    /// One JWK as a key pinned to its type's algorithms; `None` (skipped)
+    /// without a `kid`, for a symmetric key, or if unusable.
+    fn jwk_key(&self, jwk: &jsonwebtoken::jwk::Jwk) -> Option<Key> {
+        use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve};
+        use Algorithm::*;
+        let kid = jwk.common.key_id.clone()?;
+        let algorithms = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => vec![RS256, RS384, RS512, PS256, PS384, PS512],
+            AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+                EllipticCurve::P256 => vec![ES256],
+                EllipticCurve::P384 => vec![ES384],
+                _ => return None,
+            },
+            AlgorithmParameters::OctetKeyPair(_) => vec![EdDSA],
+            // A shared secret has no business in a public key set.
+            AlgorithmParameters::OctetKey(_) => return None,
+        };
+        let key = DecodingKey::from_jwk(jwk).ok()?;
+        let mut validation = self.base.clone();
+        validation.algorithms = algorithms;
+        Some(Key {
+            kid: Some(kid),
+            key,
+            validation,
+        })
+    }
+
+    /// Fetches the JWKS until it first succeeds, then every
+    /// `--jwt-jwks-refresh`, logging and counting every outcome. Returns
+    /// at once without a JWKS; otherwise runs until the process ends.
+    pub async fn keep_jwks_fresh(self: Arc<Self>) {
+        let Some(jwks) = &self.jwks else {
+            return;
+        };
+        loop {
+            *jwks.last_attempt.lock().await = Some(std::time::Instant::now());
+            let ok = self.refresh_logged(jwks).await;
+            let wait = if ok || self.is_ready() {
+                jwks.refresh
+            } else {
+                JWKS_RETRY
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn refresh_logged(&self, jwks: &Jwks) -> bool {
+        let m = crate::metrics::get();
+        match self.fetch_jwks(jwks).await {
+            Ok(keys) => {
+                m.jwks_refresh(true);
+                tracing::debug!(keys, "JWKS fetched");
+                true
+            }
+            Err(error) => {
+                m.jwks_refresh(false);
+                tracing::warn!(%error, "JWKS fetch failed; keeping the last good keys");
+                false
+            }
+        }
+    }
+
+    /// For a token naming a `kid` no key has: refetches the JWKS unless a
+    /// fetch started less than [`JWKS_REFETCH_MIN`] ago. Returns whether
+    /// it fetched new keys (then verifying again is worth it).
+    pub async fn refetch_for_unknown_kid(&self) -> bool {
+        let Some(jwks) = &self.jwks else {
+            return false;
+        };
+        let mut last = jwks.last_attempt.lock().await;
+        if last.is_some_and(|at| at.elapsed() < JWKS_REFETCH_MIN) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        self.refresh_logged(jwks).await
     }
 
     /// Verifies a token and checks its `sub`.
@@ -270,14 +447,25 @@ impl Verifier {
             }
             _ => AuthError::Invalid("malformed"),
         })?;
+        let fetched: Arc<Vec<Key>> = match &self.jwks {
+            Some(jwks) => jwks
+                .keys
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            None => Arc::new(Vec::new()),
+        };
         let named: Vec<&Key> = match &header.kid {
             Some(kid) => self
                 .keys
                 .iter()
+                .chain(fetched.iter())
                 .filter(|k| k.kid.as_deref() == Some(kid))
                 .collect(),
             None => Vec::new(),
         };
+        // A JWKS key needs its `kid`; static keys are tried by family.
+        let unknown_kid = header.kid.is_some() && named.is_empty() && self.jwks.is_some();
         let candidates: Vec<&Key> = if named.is_empty() {
             self.keys
                 .iter()
@@ -297,7 +485,11 @@ impl Verifier {
                 Err(e) => return Err(decode_error(&e)),
             }
         }
-        Err(failure)
+        Err(if unknown_kid {
+            AuthError::UnknownKid
+        } else {
+            failure
+        })
     }
 }
 

@@ -100,6 +100,14 @@ pub struct ServeConfig {
     /// Token verification.
     #[command(flatten)]
     pub keys: KeyConfig,
+    /// JWKS endpoint (http or https) whose keys also verify tokens, chosen
+    /// by `kid`; the node is unready until the first fetch succeeds.
+    #[arg(long, env = "HERALD_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// How often the JWKS is refetched (an unknown `kid` refetches at once,
+    /// at most every 10 s).
+    #[arg(long, env = "HERALD_JWT_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    pub jwt_jwks_refresh: Duration,
     /// Cookie carrying the JWT for browsers.
     #[arg(long, env = "HERALD_COOKIE_NAME", default_value = "herald_token")]
     pub cookie_name: String,

@@ -5,6 +5,7 @@
 //! - [`config`]: flags and environment (`herald --help`).
 //! - [`channel`]: channel names, claim patterns, Redis key names.
 //! - [`envelope`]: the pub/sub message format and stream ids.
+//! - [`fetch`]: the node's own HTTP(S) GETs (JWKS, `--auth-url`).
 //! - [`auth`]: finding and verifying tokens; minting demo tokens.
 //! - [`sse`]: SSE frame encoding and the resume [`sse::Cursor`].
 //! - [`broker`]: the pub/sub + history backbone ([`broker::memory`] embedded,
@@ -31,6 +32,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod envelope;
+pub mod fetch;
 pub mod http;
 pub mod hub;
 pub mod mailbox;

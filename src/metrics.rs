@@ -79,12 +79,19 @@ pub struct Metrics {
     pub redis_reconnects: Counter,
     /// `herald_disconnects_total`.
     pub disconnects: Counter,
+    /// `herald_jwks_refreshes_total{result="ok"|"error"}`.
+    jwks_refreshes: [Counter; 2],
 }
 
 impl Metrics {
     /// Counts a closed connection.
     pub fn closed(&self, reason: CloseReason) {
         self.closed[reason as usize].increment(1);
+    }
+
+    /// Counts a JWKS fetch.
+    pub fn jwks_refresh(&self, ok: bool) {
+        self.jwks_refreshes[usize::from(!ok)].increment(1);
     }
 
     /// Counts a refused connection.
@@ -144,13 +151,19 @@ pub fn get() -> &'static Metrics {
             redis_connected: gauge!("herald_redis_connected"),
             redis_reconnects: counter!("herald_redis_reconnects_total"),
             disconnects: counter!("herald_disconnects_total"),
+            jwks_refreshes: ["ok", "error"]
+                .map(|r| counter!("herald_jwks_refreshes_total", "result" => r)),
         };
+        metrics::describe_counter!(
+            "herald_jwks_refreshes_total",
+            "JWKS fetches by result (an error keeps the last good keys)"
+        );
         metrics::describe_counter!(
             "herald_disconnects_total",
             "POST /disconnect requests this node carried out (each closes the user's connections on every node)"
         );
         // Make every series visible from the first scrape.
-        for c in m.closed.iter().chain(m.rejected.iter()) {
+        for c in m.closed.iter().chain(&m.rejected).chain(&m.jwks_refreshes) {
             c.increment(0);
         }
         for c in [

@@ -40,9 +40,15 @@ impl Node {
         crate::metrics::get();
 
         let keys = &config.keys;
-        let demo_secret = (keys.jwt_secret.is_empty() && keys.jwt_public_key.is_empty())
-            .then(|| format!("{:032x}", rand::random::<u128>()));
-        let verifier = Verifier::new(keys, demo_secret.as_deref())?;
+        let demo_secret = (keys.jwt_secret.is_empty()
+            && keys.jwt_public_key.is_empty()
+            && config.jwt_jwks_url.is_none())
+        .then(|| format!("{:032x}", rand::random::<u128>()));
+        let verifier = Arc::new(match &config.jwt_jwks_url {
+            Some(url) => Verifier::with_jwks(keys, url, config.jwt_jwks_refresh)?,
+            None => Verifier::new(keys, demo_secret.as_deref())?,
+        });
+        tokio::spawn(verifier.clone().keep_jwks_fresh());
         let demo_token = match &demo_secret {
             Some(secret) => Some(auth::mint(
                 secret,
@@ -105,7 +111,7 @@ impl Node {
 
         let state = AppState {
             hub,
-            verifier: Arc::new(verifier),
+            verifier,
             session: Arc::new(SessionConfig {
                 node_id,
                 retry: config.retry,

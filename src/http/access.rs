@@ -19,7 +19,13 @@ pub(crate) async fn authenticate(
 ) -> Result<Arc<Claims>, ApiError> {
     let (token, _) =
         find_token(headers, &state.cookie_name, query_token).ok_or(AuthError::Missing)?;
-    let claims = state.verifier.verify(token)?;
+    let claims = match state.verifier.verify(token) {
+        // Keys rotated at the identity provider: fetch them (rate-limited).
+        Err(AuthError::UnknownKid) if state.verifier.refetch_for_unknown_kid().await => {
+            state.verifier.verify(token)?
+        }
+        other => other?,
+    };
     check_revocation(state, &claims).await?;
     Ok(claims)
 }

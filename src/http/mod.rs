@@ -57,7 +57,7 @@ pub struct AppState {
 impl AppState {
     /// Whether the node should receive traffic.
     pub fn is_ready(&self) -> bool {
-        !self.hub.is_draining() && self.hub.broker().is_connected()
+        !self.hub.is_draining() && self.hub.broker().is_connected() && self.verifier.is_ready()
     }
 }
 
