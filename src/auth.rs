@@ -81,6 +81,9 @@ pub enum AuthError {
     /// Bad signature, wrong algorithm, wrong iss/aud, not yet valid, or malformed.
     #[error("invalid token: {0}")]
     Invalid(&'static str),
+    /// The application refused the session cookie (`--auth-url` said 401).
+    #[error("session not accepted")]
+    Session,
     /// Names a `kid` no configured or fetched key has.
     #[error("invalid token: unknown key id")]
     UnknownKid,

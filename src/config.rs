@@ -108,6 +108,17 @@ pub struct ServeConfig {
     /// at most every 10 s).
     #[arg(long, env = "HERALD_JWT_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
     pub jwt_jwks_refresh: Duration,
+    /// Session-cookie auth through the application: a browser request
+    /// without a Herald JWT is authenticated by `GET <auth-url>` with its
+    /// cookies (see the README).
+    #[arg(long, env = "HERALD_AUTH_URL")]
+    pub auth_url: Option<String>,
+    /// Budget of one `--auth-url` call (a slower answer is a 503).
+    #[arg(long, env = "HERALD_AUTH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub auth_timeout: Duration,
+    /// How long an `--auth-url` answer is reused for the same cookie header.
+    #[arg(long, env = "HERALD_AUTH_CACHE_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub auth_cache_ttl: Duration,
     /// Cookie carrying the JWT for browsers.
     #[arg(long, env = "HERALD_COOKIE_NAME", default_value = "herald_token")]
     pub cookie_name: String,

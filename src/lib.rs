@@ -7,6 +7,7 @@
 //! - [`envelope`]: the pub/sub message format and stream ids.
 //! - [`fetch`]: the node's own HTTP(S) GETs (JWKS, `--auth-url`).
 //! - [`auth`]: finding and verifying tokens; minting demo tokens.
+//! - [`app_auth`]: session cookies checked by the application (`--auth-url`).
 //! - [`sse`]: SSE frame encoding and the resume [`sse::Cursor`].
 //! - [`broker`]: the pub/sub + history backbone ([`broker::memory`] embedded,
 //!   [`broker::redis`] shared); knows nothing of connections.
@@ -25,6 +26,7 @@
 //! Dependencies point down this list's reverse: nothing below `http` knows
 //! about HTTP, and the broker knows nothing of connections.
 
+pub mod app_auth;
 pub mod auth;
 pub mod broker;
 pub mod channel;

@@ -81,12 +81,24 @@ pub struct Metrics {
     pub disconnects: Counter,
     /// `herald_jwks_refreshes_total{result="ok"|"error"}`.
     jwks_refreshes: [Counter; 2],
+    /// `herald_auth_requests_total{result="ok"|"denied"|"error"}`.
+    auth_requests: [Counter; 3],
 }
 
 impl Metrics {
     /// Counts a closed connection.
     pub fn closed(&self, reason: CloseReason) {
         self.closed[reason as usize].increment(1);
+    }
+
+    /// Counts an `--auth-url` call by its result label.
+    pub fn auth_request(&self, result: &str) {
+        let i = match result {
+            "ok" => 0,
+            "denied" => 1,
+            _ => 2,
+        };
+        self.auth_requests[i].increment(1);
     }
 
     /// Counts a JWKS fetch.
@@ -153,7 +165,13 @@ pub fn get() -> &'static Metrics {
             disconnects: counter!("herald_disconnects_total"),
             jwks_refreshes: ["ok", "error"]
                 .map(|r| counter!("herald_jwks_refreshes_total", "result" => r)),
+            auth_requests: ["ok", "denied", "error"]
+                .map(|r| counter!("herald_auth_requests_total", "result" => r)),
         };
+        metrics::describe_counter!(
+            "herald_auth_requests_total",
+            "--auth-url calls by result: ok (200), denied (401/403), error (timeout, 5xx, bad answer)"
+        );
         metrics::describe_counter!(
             "herald_jwks_refreshes_total",
             "JWKS fetches by result (an error keeps the last good keys)"
@@ -163,7 +181,13 @@ pub fn get() -> &'static Metrics {
             "POST /disconnect requests this node carried out (each closes the user's connections on every node)"
         );
         // Make every series visible from the first scrape.
-        for c in m.closed.iter().chain(&m.rejected).chain(&m.jwks_refreshes) {
+        for c in m
+            .closed
+            .iter()
+            .chain(&m.rejected)
+            .chain(&m.jwks_refreshes)
+            .chain(&m.auth_requests)
+        {
             c.increment(0);
         }
         for c in [

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app_auth::AppAuth;
 use crate::auth::{self, Verifier};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisConfig};
@@ -124,6 +125,13 @@ impl Node {
             prometheus,
             cors: crate::http::cors::Cors::new(&config.cors_origins),
             control,
+            app_auth: match &config.auth_url {
+                Some(url) => Some(Arc::new(
+                    AppAuth::new(url, config.auth_timeout, config.auth_cache_ttl)
+                        .context("--auth-url")?,
+                )),
+                None => None,
+            },
         };
         Ok(Node {
             config,

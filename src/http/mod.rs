@@ -52,6 +52,8 @@ pub struct AppState {
     pub cors: cors::Cors,
     /// Disconnects and revocations across nodes.
     pub control: crate::control::Control,
+    /// Session cookies checked by the application (`--auth-url`).
+    pub app_auth: Option<Arc<crate::app_auth::AppAuth>>,
 }
 
 impl AppState {
