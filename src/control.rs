@@ -27,7 +27,7 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use crate::auth::{unix_now, Claims};
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{Broker, BrokerError, Store};
 use crate::channel::Channel;
 use crate::envelope::Envelope;
 use crate::hub::Hub;
@@ -151,9 +151,9 @@ impl Control {
     }
 
     /// Ends `user`'s connections on every node with `herald.disconnected`
-    /// (data `{"reason": reason}`); with `revoke`, first refuses their
-    /// tokens issued before now on every node for `--revocation-ttl`.
-    /// Returns how many connections it ended on this node.
+    /// (data `{"reason": reason}`); with `revoke`, also refuses their tokens
+    /// issued before now on every node for `--revocation-ttl`. Returns how
+    /// many connections it ended on this node.
     pub async fn disconnect(
         &self,
         user: &Channel,
@@ -161,28 +161,13 @@ impl Control {
         reason: &str,
         revoke: bool,
     ) -> Result<usize, BrokerError> {
-        let revoke_before = if revoke {
-            let now = unix_now();
-            self.broker()
-                .revoke(user, now, self.shared.revocation_ttl)
-                .await?;
-            self.learn(sub, Some(now));
-            Some(now)
-        } else {
-            None
-        };
+        let revoke = revoke.then(|| (unix_now(), self.shared.revocation_ttl));
+        if let Some((before, _)) = revoke {
+            // This node refuses the old tokens before its connections close.
+            self.learn(sub, Some(before));
+        }
         let closed = self.close_local(user, reason);
-        let message = Disconnect {
-            user: sub.to_owned(),
-            reason: reason.to_owned(),
-            revoke_before,
-        };
-        // Serialising strings and a number cannot fail.
-        let data = serde_json::value::to_raw_value(&message)
-            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
-        self.broker()
-            .publish(&Channel::control(), Some("disconnect"), &data)
-            .await?;
+        send_disconnect(self.broker().as_ref(), user, reason, revoke).await?;
         metrics::get().disconnects.increment(1);
         Ok(closed)
     }
@@ -211,6 +196,36 @@ impl Control {
             }
         }
     }
+}
+
+/// Stores `user`'s revocation (cutoff and TTL) if given, then tells every
+/// node to disconnect the user: what `POST /disconnect` does beyond this
+/// node, and all an app service does through [`crate::Publisher`].
+pub async fn send_disconnect(
+    store: &dyn Store,
+    user: &Channel,
+    reason: &str,
+    revoke: Option<(u64, Duration)>,
+) -> Result<(), BrokerError> {
+    let sub = user
+        .as_str()
+        .strip_prefix("user:")
+        .ok_or_else(|| BrokerError::Unavailable(format!("`{user}` is not a user channel")))?;
+    if let Some((before, ttl)) = revoke {
+        store.revoke(user, before, ttl).await?;
+    }
+    let message = Disconnect {
+        user: sub.to_owned(),
+        reason: reason.to_owned(),
+        revoke_before: revoke.map(|(before, _)| before),
+    };
+    // Serialising strings and a number cannot fail.
+    let data = serde_json::value::to_raw_value(&message)
+        .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+    store
+        .publish(&Channel::control(), Some("disconnect"), &data)
+        .await
+        .map(drop)
 }
 
 /// A control envelope → the user channel and the disconnect it asks for.

@@ -339,3 +339,53 @@ async fn presence_on_the_embedded_broker_and_bad_presence_requests() {
     .await
     .assert_json_error(StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_service_disconnects_and_reads_presence_and_history_through_the_library() {
+    let redis = Redis::start();
+    let node = Node::start(&["--redis-url", &redis.url()]);
+    let app = herald::Publisher::redis(
+        herald::broker::redis::RedisConfig {
+            url: redis.url(),
+            prefix: "herald".into(),
+            history_size: 1000,
+            history_ttl: Duration::from_secs(3600),
+            probe_interval: Duration::from_secs(5),
+        },
+        65_536,
+    )
+    .expect("publisher");
+    let old = issued_ago("alice", 10);
+    let mut sse = Sse::open(&node, &old).await;
+
+    let seen = wait_until(Duration::from_secs(5), || async {
+        app.presence("user:alice")
+            .await
+            .expect("presence")
+            .connections
+            == 1
+    })
+    .await;
+    assert!(seen, "presence through the library");
+
+    app.publish(herald::Message::new(
+        "user:alice",
+        Some("notice"),
+        &json!("hi"),
+    ))
+    .await
+    .expect("publish");
+    sse.next_data(WAIT).await.expect("the message");
+    let page = app.history("user:alice", None, 10).await.expect("history");
+    assert_eq!((page.entries.len(), page.more), (1, false));
+
+    app.disconnect("alice", "bye", Some(Duration::from_secs(60)))
+        .await
+        .expect("disconnect");
+    assert_disconnected(&mut sse, "bye", "alice").await;
+    assert_refused(&node, &old, "the old token after the app's revoke").await;
+    assert!(
+        app.disconnect("a\nb", "bye", None).await.is_err(),
+        "an invalid user is refused"
+    );
+}
