@@ -5,9 +5,9 @@
 //!   services get the same through [`crate::Publisher::redis`].
 //! - [`RedisBroker`] adds the node's single pub/sub connection, owned by one
 //!   task that takes (un)subscribe commands over a channel. The `broadcast`
-//!   and control channels are always subscribed. When the connection is lost — or silently
-//!   stops delivering, which a periodic probe on the node's own channel
-//!   catches — the task reconnects with capped, jittered exponential backoff,
+//!   and control channels are always subscribed. When the connection is
+//!   lost — or silently stops delivering, which a periodic probe on the
+//!   node's own channel catches — the task reconnects with capped, jittered exponential backoff,
 //!   resubscribes everything, and tells the hub to refill each active
 //!   channel's gap from history.
 
