@@ -7,9 +7,9 @@
 //!   task that takes (un)subscribe commands over a channel. The `broadcast`
 //!   and control channels are always subscribed. When the connection is
 //!   lost — or silently stops delivering, which a periodic probe on the
-//!   node's own channel catches — the task reconnects with capped, jittered exponential backoff,
-//!   resubscribes everything, and tells the hub to refill each active
-//!   channel's gap from history.
+//!   node's own channel catches — the task reconnects with capped, jittered
+//!   exponential backoff, resubscribes everything, and tells the hub to
+//!   refill each active channel's gap from history.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
