@@ -14,7 +14,7 @@ use axum::http::{header, HeaderMap};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::channel::any_pattern_allows;
+use crate::channel::{any_pattern_allows, Channel};
 use crate::config::KeyConfig;
 
 /// Longest accepted `sub`, in bytes.
@@ -35,6 +35,13 @@ pub struct Claims {
     /// Channel patterns the bearer may publish to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<String>,
+    /// Issued at, seconds since the epoch: a revocation of the user refuses
+    /// tokens issued before it (a token without `iat` counts as issued at 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// May use the server API (`/disconnect`, `/presence`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub control: bool,
 }
 
 impl Claims {
@@ -46,6 +53,19 @@ impl Claims {
     /// Whether the token allows publishing to the full channel name.
     pub fn allows_publish(&self, channel: &str) -> bool {
         any_pattern_allows(&self.publish, channel)
+    }
+
+    /// Whether a subscriber with this token may read `channel`: its own
+    /// user channel, `broadcast`, or a topic it allows (the `/events` rule).
+    pub fn allows_reading(&self, channel: &Channel) -> bool {
+        let name = channel.as_str();
+        if let Some(user) = name.strip_prefix("user:") {
+            return user == self.sub;
+        }
+        match name.strip_prefix("topic:") {
+            Some(topic) => self.allows_topic(topic),
+            None => name == "broadcast",
+        }
     }
 }
 
@@ -61,6 +81,16 @@ pub enum AuthError {
     /// Bad signature, wrong algorithm, wrong iss/aud, not yet valid, or malformed.
     #[error("invalid token: {0}")]
     Invalid(&'static str),
+    /// The application refused the session cookie (`--auth-url` said 401).
+    #[error("session not accepted")]
+    Session,
+    /// Names a `kid` no configured or fetched key has.
+    #[error("invalid token: unknown key id")]
+    UnknownKid,
+    /// Issued before its user was logged out everywhere (`POST /disconnect`
+    /// with `revoke`).
+    #[error("token revoked")]
+    Revoked,
 }
 
 /// Why the key configuration could not be loaded.
@@ -75,26 +105,43 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
-    /// Not an RSA, EC (P-256/P-384) or Ed25519 public key in PEM form.
+    /// Not RSA, EC (P-256/P-384) or Ed25519 public keys in PEM form.
     #[error("--jwt-public-key {0} is not an RSA, EC or Ed25519 public key in PEM form")]
     Pem(String),
-    /// Both a secret and a public key were given.
-    #[error("give either --jwt-secret or --jwt-public-key, not both")]
-    Both,
     /// Neither was given where one is needed.
     #[error("no key configured: set --jwt-secret (or HERALD_JWT_SECRET)")]
     Missing,
     /// An empty secret.
     #[error("--jwt-secret must not be empty")]
     EmptySecret,
+    /// An unusable `--jwt-jwks-url`.
+    #[error("--jwt-jwks-url: {0}")]
+    Jwks(String),
 }
 
 /// Most tokens remembered as verified.
 const VERIFIED_CAPACITY: usize = 1024;
 /// Longest token remembered (longer ones are verified every time).
 const VERIFIED_MAX_TOKEN: usize = 4096;
+/// Most keys one PEM file may hold.
+const MAX_KEYS_PER_PEM: usize = 64;
 
-/// Verifies tokens with the configured key.
+/// One verification key, pinned to its algorithm family.
+struct Key {
+    /// The `kid` that selects it; static keys have none.
+    kid: Option<String>,
+    key: DecodingKey,
+    /// The shared validation rules with `algorithms` narrowed to this key's
+    /// family, so a token is only ever checked with an algorithm of the
+    /// key's own kind (no HS/RS confusion).
+    validation: Validation,
+}
+
+/// Verifies tokens with the configured keys.
+///
+/// Several keys may be configured (rotation): a token whose `kid` names a
+/// key is checked with that key only; any other token is checked with each
+/// key of its `alg`'s family in turn until one signature matches.
 ///
 /// A token that verified is remembered by its exact text, so an app service
 /// that publishes thousands of times with one token, or a browser that
@@ -105,60 +152,259 @@ const VERIFIED_MAX_TOKEN: usize = 4096;
 /// remembered, so only validly signed tokens take room; when the cache is
 /// full it starts over.
 pub struct Verifier {
-    key: DecodingKey,
-    validation: Validation,
+    keys: Vec<Key>,
+    /// Keys from `--jwt-jwks-url`, when configured.
+    jwks: Option<Jwks>,
+    /// The rules every key shares, for keys that arrive later (JWKS).
+    base: Validation,
+    /// Clock skew allowed for `exp` (seconds), for remembered tokens.
+    leeway: u64,
     verified: Mutex<HashMap<Box<str>, Arc<Claims>>>,
+}
+
+/// Most keys taken from one JWKS answer.
+const MAX_JWKS_KEYS: usize = 64;
+/// Largest JWKS answer read.
+const MAX_JWKS_BODY: usize = 256 * 1024;
+/// One JWKS fetch may take this long.
+const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
+/// An unknown `kid` refetches the JWKS at most this often.
+pub const JWKS_REFETCH_MIN: Duration = Duration::from_secs(10);
+/// Until the first fetch succeeded, it is retried this often.
+const JWKS_RETRY: Duration = Duration::from_secs(1);
+
+/// The JWKS endpoint and the keys last fetched from it.
+struct Jwks {
+    fetcher: crate::fetch::Fetcher,
+    /// `--jwt-jwks-refresh`.
+    refresh: Duration,
+    /// Replaced whole by each successful fetch; a failed one keeps them.
+    keys: std::sync::RwLock<Arc<Vec<Key>>>,
+    /// Whether a fetch ever succeeded (the node is unready until then).
+    fetched: std::sync::atomic::AtomicBool,
+    /// When the last fetch started; also serialises fetches.
+    last_attempt: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
-            .field("algorithms", &self.validation.algorithms)
+            .field("keys", &self.keys.len())
             .finish_non_exhaustive()
     }
 }
 
+/// The validation rules every key shares (algorithms are set per key).
+fn base_validation(keys: &KeyConfig) -> Validation {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.leeway = keys.jwt_leeway.as_secs();
+    validation.validate_nbf = true;
+    let mut required = vec!["exp", "sub"];
+    match &keys.jwt_issuer {
+        Some(iss) => {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        None => validation.iss = None,
+    }
+    match &keys.jwt_audience {
+        Some(aud) => {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
+        None => validation.validate_aud = false,
+    }
+    // A configured iss/aud must be present, not merely right when present.
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
 impl Verifier {
-    /// Builds a verifier; `secret` overrides the config (for the generated
-    /// demo secret). Fails on unreadable or unrecognised keys.
+    /// Builds a verifier from every configured secret and PEM key; `secret`
+    /// replaces the configured secrets (for the generated demo secret).
+    /// Fails on unreadable or unrecognised keys, or when there is none.
     pub fn new(keys: &KeyConfig, secret: Option<&str>) -> Result<Verifier, KeyError> {
-        let secret = secret.or(keys.jwt_secret.as_deref());
-        let (key, algorithms) = match (secret, &keys.jwt_public_key) {
-            (Some(_), Some(_)) => return Err(KeyError::Both),
-            (None, None) => return Err(KeyError::Missing),
-            (Some(""), None) => return Err(KeyError::EmptySecret),
-            (Some(secret), None) => (
+        Self::build(keys, secret, None)
+    }
+
+    /// Like [`Verifier::new`], also verifying with the keys of a JWKS
+    /// endpoint (then static keys are optional). Run
+    /// [`Verifier::keep_jwks_fresh`] to fetch them.
+    pub fn with_jwks(keys: &KeyConfig, url: &str, refresh: Duration) -> Result<Verifier, KeyError> {
+        let fetcher = crate::fetch::Fetcher::new(url).map_err(|e| KeyError::Jwks(e.to_string()))?;
+        Self::build(
+            keys,
+            None,
+            Some(Jwks {
+                fetcher,
+                refresh,
+                keys: std::sync::RwLock::new(Arc::new(Vec::new())),
+                fetched: std::sync::atomic::AtomicBool::new(false),
+                last_attempt: tokio::sync::Mutex::new(None),
+            }),
+        )
+    }
+
+    fn build(
+        keys: &KeyConfig,
+        secret: Option<&str>,
+        jwks: Option<Jwks>,
+    ) -> Result<Verifier, KeyError> {
+        let base = base_validation(keys);
+        let pinned = |kid: Option<String>, key: DecodingKey, algorithms: Vec<Algorithm>| {
+            let mut validation = base.clone();
+            validation.algorithms = algorithms;
+            Key {
+                kid,
+                key,
+                validation,
+            }
+        };
+        let secrets: Vec<&str> = match secret {
+            Some(secret) => vec![secret],
+            None => keys.jwt_secret.iter().map(String::as_str).collect(),
+        };
+        let mut all = Vec::new();
+        for secret in secrets {
+            if secret.is_empty() {
+                return Err(KeyError::EmptySecret);
+            }
+            all.push(pinned(
+                None,
                 DecodingKey::from_secret(secret.as_bytes()),
                 vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512],
-            ),
-            (None, Some(path)) => load_public_key(path)?,
-        };
-        let mut validation = Validation::new(algorithms[0]);
-        validation.algorithms = algorithms;
-        validation.leeway = keys.jwt_leeway.as_secs();
-        validation.validate_nbf = true;
-        let mut required = vec!["exp", "sub"];
-        match &keys.jwt_issuer {
-            Some(iss) => {
-                validation.set_issuer(&[iss]);
-                required.push("iss");
-            }
-            None => validation.iss = None,
+            ));
         }
-        match &keys.jwt_audience {
-            Some(aud) => {
-                validation.set_audience(&[aud]);
-                required.push("aud");
+        for path in &keys.jwt_public_key {
+            for (key, algorithms) in load_public_keys(path)? {
+                all.push(pinned(None, key, algorithms));
             }
-            None => validation.validate_aud = false,
         }
-        // A configured iss/aud must be present, not merely right when present.
-        validation.set_required_spec_claims(&required);
+        if all.is_empty() && jwks.is_none() {
+            return Err(KeyError::Missing);
+        }
         Ok(Verifier {
-            key,
-            validation,
+            keys: all,
+            jwks,
+            leeway: base.leeway,
+            base,
             verified: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// False until the first JWKS fetch succeeded (always true without one).
+    pub fn is_ready(&self) -> bool {
+        self.jwks
+            .as_ref()
+            .is_none_or(|j| j.fetched.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Fetches the JWKS now; on success its keys replace the previous ones
+    /// (and tokens remembered as verified are forgotten, so a removed key's
+    /// tokens stop at once). A failure keeps the last good keys.
+    async fn fetch_jwks(&self, jwks: &Jwks) -> Result<usize, String> {
+        let fetched = jwks
+            .fetcher
+            .get(&[], JWKS_TIMEOUT, MAX_JWKS_BODY)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !fetched.status.is_success() {
+            return Err(format!("status {}", fetched.status));
+        }
+        let set: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_slice(&fetched.body).map_err(|e| format!("not a JWKS: {e}"))?;
+        let keys: Vec<Key> = set
+            .keys
+            .iter()
+            .take(MAX_JWKS_KEYS)
+            .filter_map(|jwk| self.jwk_key(jwk))
+            .collect();
+        let count = keys.len();
+        *jwks
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+        jwks.fetched
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.remembered().clear();
+        Ok(count)
+    }
+
+    /// One JWK as a key pinned to its type's algorithms; `None` (skipped)
+    /// without a `kid`, for a symmetric key, or if unusable.
+    fn jwk_key(&self, jwk: &jsonwebtoken::jwk::Jwk) -> Option<Key> {
+        use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve};
+        use Algorithm::*;
+        let kid = jwk.common.key_id.clone()?;
+        let algorithms = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => vec![RS256, RS384, RS512, PS256, PS384, PS512],
+            AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+                EllipticCurve::P256 => vec![ES256],
+                EllipticCurve::P384 => vec![ES384],
+                _ => return None,
+            },
+            AlgorithmParameters::OctetKeyPair(_) => vec![EdDSA],
+            // A shared secret has no business in a public key set.
+            AlgorithmParameters::OctetKey(_) => return None,
+        };
+        let key = DecodingKey::from_jwk(jwk).ok()?;
+        let mut validation = self.base.clone();
+        validation.algorithms = algorithms;
+        Some(Key {
+            kid: Some(kid),
+            key,
+            validation,
+        })
+    }
+
+    /// Fetches the JWKS until it first succeeds, then every
+    /// `--jwt-jwks-refresh`, logging and counting every outcome. Returns
+    /// at once without a JWKS; otherwise runs until the process ends.
+    pub async fn keep_jwks_fresh(self: Arc<Self>) {
+        let Some(jwks) = &self.jwks else {
+            return;
+        };
+        loop {
+            *jwks.last_attempt.lock().await = Some(std::time::Instant::now());
+            let ok = self.refresh_logged(jwks).await;
+            let wait = if ok || self.is_ready() {
+                jwks.refresh
+            } else {
+                JWKS_RETRY
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn refresh_logged(&self, jwks: &Jwks) -> bool {
+        let m = crate::metrics::get();
+        match self.fetch_jwks(jwks).await {
+            Ok(keys) => {
+                m.jwks_refresh(true);
+                tracing::debug!(keys, "JWKS fetched");
+                true
+            }
+            Err(error) => {
+                m.jwks_refresh(false);
+                tracing::warn!(%error, "JWKS fetch failed; keeping the last good keys");
+                false
+            }
+        }
+    }
+
+    /// For a token naming a `kid` no key has: refetches the JWKS unless a
+    /// fetch started less than [`JWKS_REFETCH_MIN`] ago. Returns whether
+    /// it fetched new keys (then verifying again is worth it).
+    pub async fn refetch_for_unknown_kid(&self) -> bool {
+        let Some(jwks) = &self.jwks else {
+            return false;
+        };
+        let mut last = jwks.last_attempt.lock().await;
+        if last.is_some_and(|at| at.elapsed() < JWKS_REFETCH_MIN) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        self.refresh_logged(jwks).await
     }
 
     /// Verifies a token and checks its `sub`.
@@ -172,7 +418,7 @@ impl Verifier {
         let remembered = self.remembered().get(token).cloned();
         if let Some(claims) = remembered {
             // As jsonwebtoken does: expired once `exp` is over `leeway` ago.
-            if claims.exp.saturating_add(self.validation.leeway) < now {
+            if claims.exp.saturating_add(self.leeway) < now {
                 return Err(AuthError::Expired);
             }
             return Ok(claims);
@@ -192,50 +438,126 @@ impl Verifier {
         crate::sync::lock(&self.verified)
     }
 
-    /// The full check: signature, algorithm, registered claims, `sub`.
+    /// The full check: key choice, signature, algorithm, registered claims,
+    /// `sub`.
     fn verify_signed(&self, token: &str) -> Result<Claims, AuthError> {
-        use jsonwebtoken::errors::ErrorKind;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
-            |e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::ImmatureSignature => AuthError::Invalid("not valid yet (nbf)"),
-                ErrorKind::InvalidSignature => AuthError::Invalid("bad signature"),
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                    AuthError::Invalid("algorithm not allowed")
+        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::InvalidAlgorithmName => {
+                AuthError::Invalid("algorithm not allowed")
+            }
+            _ => AuthError::Invalid("malformed"),
+        })?;
+        let fetched: Arc<Vec<Key>> = match &self.jwks {
+            Some(jwks) => jwks
+                .keys
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            None => Arc::new(Vec::new()),
+        };
+        let named: Vec<&Key> = match &header.kid {
+            Some(kid) => self
+                .keys
+                .iter()
+                .chain(fetched.iter())
+                .filter(|k| k.kid.as_deref() == Some(kid))
+                .collect(),
+            None => Vec::new(),
+        };
+        // A JWKS key needs its `kid`; static keys are tried by family.
+        let unknown_kid = header.kid.is_some() && named.is_empty() && self.jwks.is_some();
+        let candidates: Vec<&Key> = if named.is_empty() {
+            self.keys
+                .iter()
+                .filter(|k| k.validation.algorithms.contains(&header.alg))
+                .collect()
+        } else {
+            named
+        };
+        let mut failure = AuthError::Invalid("algorithm not allowed");
+        for key in candidates {
+            match jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation) {
+                Ok(data) => return check_sub(data.claims),
+                // Another key of the family may have signed it.
+                Err(e) if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                    failure = AuthError::Invalid("bad signature");
                 }
-                ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer"),
-                ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience"),
-                ErrorKind::MissingRequiredClaim(_) => AuthError::Invalid("missing claim"),
-                _ => AuthError::Invalid("malformed"),
-            },
-        )?;
-        let sub = &data.claims.sub;
-        if sub.is_empty() || sub.len() > MAX_SUB_LEN || sub.chars().any(char::is_control) {
-            return Err(AuthError::Invalid(
-                "sub must be 1-256 bytes without control characters",
-            ));
+                Err(e) => return Err(decode_error(&e)),
+            }
         }
-        Ok(data.claims)
+        Err(if unknown_kid {
+            AuthError::UnknownKid
+        } else {
+            failure
+        })
     }
 }
 
-fn load_public_key(path: &Path) -> Result<(DecodingKey, Vec<Algorithm>), KeyError> {
+/// What a failed decode means to the client.
+fn decode_error(e: &jsonwebtoken::errors::Error) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::Invalid("not valid yet (nbf)"),
+        ErrorKind::InvalidSignature => AuthError::Invalid("bad signature"),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            AuthError::Invalid("algorithm not allowed")
+        }
+        ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer"),
+        ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience"),
+        ErrorKind::MissingRequiredClaim(_) => AuthError::Invalid("missing claim"),
+        _ => AuthError::Invalid("malformed"),
+    }
+}
+
+/// Checks the `sub` DESIGN requires: 1-256 bytes, no control characters.
+fn check_sub(claims: Claims) -> Result<Claims, AuthError> {
+    let sub = &claims.sub;
+    if sub.is_empty() || sub.len() > MAX_SUB_LEN || sub.chars().any(char::is_control) {
+        return Err(AuthError::Invalid(
+            "sub must be 1-256 bytes without control characters",
+        ));
+    }
+    Ok(claims)
+}
+
+/// Every public key in a PEM file (one or more `BEGIN` blocks), each with
+/// the algorithms of its kind.
+fn load_public_keys(path: &Path) -> Result<Vec<(DecodingKey, Vec<Algorithm>)>, KeyError> {
     let shown = path.display().to_string();
-    let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
         path: shown.clone(),
         source,
     })?;
-    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
-        use Algorithm::*;
-        return Ok((key, vec![RS256, RS384, RS512, PS256, PS384, PS512]));
+    let mut keys = Vec::new();
+    for block in text.split("-----BEGIN ").skip(1) {
+        if keys.len() == MAX_KEYS_PER_PEM {
+            return Err(KeyError::Pem(format!(
+                "{shown} (over {MAX_KEYS_PER_PEM} keys)"
+            )));
+        }
+        let pem = format!("-----BEGIN {block}");
+        keys.push(parse_public_key(pem.as_bytes()).ok_or_else(|| KeyError::Pem(shown.clone()))?);
     }
-    if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
-        return Ok((key, vec![Algorithm::ES256, Algorithm::ES384]));
+    if keys.is_empty() {
+        return Err(KeyError::Pem(shown));
     }
-    if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
-        return Ok((key, vec![Algorithm::EdDSA]));
+    Ok(keys)
+}
+
+/// One PEM public key and the algorithms of its kind.
+fn parse_public_key(pem: &[u8]) -> Option<(DecodingKey, Vec<Algorithm>)> {
+    use Algorithm::*;
+    if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+        return Some((key, vec![RS256, RS384, RS512, PS256, PS384, PS512]));
     }
-    Err(KeyError::Pem(shown))
+    if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+        return Some((key, vec![ES256, ES384]));
+    }
+    if let Ok(key) = DecodingKey::from_ed_pem(pem) {
+        return Some((key, vec![EdDSA]));
+    }
+    None
 }
 
 /// Where a request's token was found.
@@ -289,7 +611,7 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Seconds since the epoch (0 for a clock before it).
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -304,16 +626,45 @@ pub fn mint(
     publish: Vec<String>,
     ttl: Duration,
 ) -> Result<String, jsonwebtoken::errors::Error> {
-    let now = unix_now();
-    let claims = Claims {
-        sub: sub.to_owned(),
-        exp: now + ttl.as_secs().max(1),
-        topics,
-        publish,
-    };
+    let claims = Claims::issue(sub, ttl);
+    sign(
+        secret,
+        &Claims {
+            topics,
+            publish,
+            ..claims
+        },
+        None,
+    )
+}
+
+impl Claims {
+    /// Claims for `sub` issued now, expiring after `ttl` (at least 1 s),
+    /// with no rights yet.
+    pub fn issue(sub: &str, ttl: Duration) -> Claims {
+        let now = unix_now();
+        Claims {
+            sub: sub.to_owned(),
+            exp: now + ttl.as_secs().max(1),
+            topics: Vec::new(),
+            publish: Vec::new(),
+            iat: Some(now),
+            control: false,
+        }
+    }
+}
+
+/// Signs `claims` with an HS256 secret, naming `kid` in the header if given.
+pub fn sign(
+    secret: &str,
+    claims: &Claims,
+    kid: Option<&str>,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = kid.map(str::to_owned);
     jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
+        &header,
+        claims,
         &EncodingKey::from_secret(secret.as_bytes()),
     )
 }
@@ -325,7 +676,7 @@ mod tests {
 
     fn keys(secret: &str) -> KeyConfig {
         KeyConfig {
-            jwt_secret: Some(secret.into()),
+            jwt_secret: vec![secret.into()],
             jwt_leeway: Duration::from_secs(0),
             ..KeyConfig::default()
         }

@@ -13,6 +13,11 @@ use std::sync::Arc;
 /// `topic:` prefix (so every valid `sub`, up to 256 bytes, has a channel).
 pub const MAX_CHANNEL_LEN: usize = 256;
 
+/// The name of Herald's own channel between nodes (disconnects,
+/// revocations). [`Channel::parse`] refuses it, so no client can subscribe
+/// to it or publish on it.
+const CONTROL: &str = "herald.control";
+
 /// A validated channel name.
 #[derive(Clone, Eq, PartialOrd, Ord)]
 pub struct Channel(Arc<str>);
@@ -47,6 +52,23 @@ impl Channel {
     /// The channel every connection listens to.
     pub fn broadcast() -> Self {
         Channel(Arc::from("broadcast"))
+    }
+
+    /// The nodes' control channel: like `broadcast`, every node always
+    /// receives it; its messages are for the nodes, never for a client.
+    pub fn control() -> Self {
+        Channel(Arc::from(CONTROL))
+    }
+
+    /// Whether this is [`Channel::control`].
+    pub fn is_control(&self) -> bool {
+        &*self.0 == CONTROL
+    }
+
+    /// Whether a broker keeps this channel subscribed whether or not any
+    /// local connection wants it (`broadcast` and the control channel).
+    pub fn is_permanent(&self) -> bool {
+        &*self.0 == "broadcast" || self.is_control()
     }
 
     /// The channel of one user.
@@ -104,7 +126,22 @@ impl Channel {
             .strip_prefix(prefix)?
             .strip_prefix(":{")?
             .strip_suffix('}')?;
+        if inner == CONTROL {
+            return Some(Self::control());
+        }
         Self::parse(inner).ok()
+    }
+
+    /// Redis key of a user's revocation (on a `user:` channel):
+    /// `<prefix>:{user:<id>}:revoked`, in the user channel's slot.
+    pub fn revocation_key(&self, prefix: &str) -> String {
+        format!("{prefix}:{{{}}}:revoked", self.0)
+    }
+
+    /// Redis hash of a channel's presence counts, one field per node:
+    /// `<prefix>:{<channel>}:presence`.
+    pub fn presence_key(&self, prefix: &str) -> String {
+        format!("{prefix}:{{{}}}:presence", self.0)
     }
 }
 
@@ -165,6 +202,16 @@ mod tests {
         assert_eq!(
             Channel::from_pubsub_key("other", "herald:{broadcast}"),
             None
+        );
+        let control = Channel::control();
+        assert_eq!(
+            Channel::from_pubsub_key("herald", &control.pubsub_key("herald")),
+            Some(control.clone())
+        );
+        assert!(control.is_permanent() && Channel::broadcast().is_permanent());
+        assert!(
+            Channel::parse(control.as_str()).is_err(),
+            "clients can neither subscribe to nor publish on the control channel"
         );
     }
 

@@ -35,7 +35,7 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         println!("{}", json!({ "id": id.to_string() }));
         return Ok(());
     }
-    let token = match (&args.token, &args.keys.jwt_secret) {
+    let token = match (&args.token, args.keys.jwt_secret.first()) {
         (Some(token), _) => token.clone(),
         (None, Some(secret)) => crate::auth::mint(
             secret,

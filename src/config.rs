@@ -58,12 +58,20 @@ pub enum Command {
 /// Flags that configure token verification and signing.
 #[derive(Debug, Clone, Args, Default)]
 pub struct KeyConfig {
-    /// HS256/384/512 shared secret.
-    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
-    /// PEM file with an RS*/PS*/ES*/EdDSA verification key.
-    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY")]
-    pub jwt_public_key: Option<PathBuf>,
+    /// HS256/384/512 shared secret; repeatable (env: comma-separated), any
+    /// of them verifies, the first one signs. Rotate by adding the new one
+    /// first, then dropping the old one once its tokens expired.
+    #[arg(
+        long,
+        env = "HERALD_JWT_SECRET",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub jwt_secret: Vec<String>,
+    /// PEM file with RS*/PS*/ES*/EdDSA verification keys (one file may hold
+    /// several); repeatable (env: comma-separated).
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY", value_delimiter = ',')]
+    pub jwt_public_key: Vec<PathBuf>,
     /// Required `iss` claim.
     #[arg(long, env = "HERALD_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -101,6 +109,25 @@ pub struct ServeConfig {
     /// Token verification.
     #[command(flatten)]
     pub keys: KeyConfig,
+    /// JWKS endpoint (http or https) whose keys also verify tokens, chosen
+    /// by `kid`; the node is unready until the first fetch succeeds.
+    #[arg(long, env = "HERALD_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// How often the JWKS is refetched (an unknown `kid` refetches at once,
+    /// at most every 10 s).
+    #[arg(long, env = "HERALD_JWT_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    pub jwt_jwks_refresh: Duration,
+    /// Session-cookie auth through the application: a browser request
+    /// without a Herald JWT is authenticated by `GET <auth-url>` with its
+    /// cookies (see the README).
+    #[arg(long, env = "HERALD_AUTH_URL")]
+    pub auth_url: Option<String>,
+    /// Budget of one `--auth-url` call (a slower answer is a 503).
+    #[arg(long, env = "HERALD_AUTH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub auth_timeout: Duration,
+    /// How long an `--auth-url` answer is reused for the same cookie header.
+    #[arg(long, env = "HERALD_AUTH_CACHE_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub auth_cache_ttl: Duration,
     /// Cookie carrying the JWT for browsers.
     #[arg(long, env = "HERALD_COOKIE_NAME", default_value = "herald_token")]
     pub cookie_name: String,
@@ -145,6 +172,10 @@ pub struct ServeConfig {
     /// Graceful shutdown budget.
     #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// How long `POST /disconnect` with `revoke` refuses the user's older
+    /// tokens (make it at least your longest token lifetime).
+    #[arg(long, env = "HERALD_REVOCATION_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub revocation_ttl: Duration,
     /// Worker threads (0: one per CPU; 1: everything on one thread, with
     /// tokio's single-threaded scheduler). Several nodes sharing a machine
     /// run best with fewer each: fewer threads waking each other for little
@@ -171,6 +202,12 @@ pub struct TokenArgs {
     /// Lifetime of the token.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub ttl: Duration,
+    /// Allow the server API (`/disconnect`, `/presence`): the `control` claim.
+    #[arg(long)]
+    pub control: bool,
+    /// Key id for the token header (`kid`).
+    #[arg(long)]
+    pub kid: Option<String>,
 }
 
 /// `herald publish`.

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::FutureExt as _;
 use tokio::sync::{mpsc, watch};
 
@@ -340,11 +341,22 @@ impl Hub {
         }
     }
 
-    /// Runs the dispatch loop until the broker's sender is dropped.
-    pub async fn dispatch_from(self, mut deliveries: mpsc::UnboundedReceiver<Delivery>) {
+    /// Runs the dispatch loop until the broker's sender is dropped. What
+    /// arrives on the control channel goes to `control` (the node's
+    /// [`crate::control`] task), never to a connection.
+    pub async fn dispatch_from(
+        self,
+        mut deliveries: mpsc::UnboundedReceiver<Delivery>,
+        control: mpsc::Sender<Bytes>,
+    ) {
         let max_payload = self.shared.config.max_payload;
         while let Some(delivery) = deliveries.recv().await {
             match delivery {
+                Delivery::Message { channel, payload } if channel.is_control() => {
+                    if control.try_send(payload).is_err() {
+                        tracing::warn!("control queue full; dropped a control message");
+                    }
+                }
                 Delivery::Message { channel, payload } => {
                     metrics::get().received.increment(1);
                     if let Some(frame) = Frame::decode(channel, &payload, max_payload) {
@@ -414,6 +426,40 @@ impl Hub {
             }
         }
         tracing::info!(refilled, elapsed = ?started.elapsed(), "refilled channels after broker reconnect");
+    }
+}
+
+// --- Server API: `POST /disconnect`, `GET /presence` ----------------------
+
+impl Hub {
+    /// Ends every local connection of `user` (its `user:` channel) with
+    /// `last` (the `herald.disconnected` event) as its final frame; returns
+    /// how many it ended. Connections already ending are not counted again.
+    pub fn close_user(&self, user: &Channel, last: Bytes) -> usize {
+        let state = self.state();
+        let Some(subscribers) = state.channels.get(user) else {
+            return 0;
+        };
+        let frame = Arc::new(Frame {
+            channel: subscribers.channel.clone(),
+            id: None,
+            ts: None,
+            body: last,
+        });
+        subscribers
+            .links
+            .values()
+            .filter(|link| link.disconnect(frame.clone()))
+            .count()
+    }
+
+    /// Every channel with local connections and how many (for presence).
+    pub fn channel_counts(&self) -> Vec<(Channel, usize)> {
+        self.state()
+            .channels
+            .values()
+            .map(|s| (s.channel.clone(), s.links.len()))
+            .collect()
     }
 }
 

@@ -29,6 +29,7 @@ const SLOW: u8 = 2;
 const SHUTDOWN: u8 = 4;
 const EXPIRED: u8 = 8;
 const HEARTBEAT: u8 = 16;
+const DISCONNECTED: u8 = 32;
 
 /// What woke a connection.
 #[derive(Debug)]
@@ -43,6 +44,8 @@ pub enum Wake {
     Shutdown,
     /// The hub cut the connection (slow, or its channel lost history).
     Killed,
+    /// The server API disconnected the user; its last frame is written.
+    Disconnected,
 }
 
 /// One connection's queue and flags.
@@ -91,6 +94,10 @@ impl Mailbox {
     /// Queues a frame; `false` if the mailbox is full (the caller cuts the
     /// connection as slow).
     pub fn push(&self, frame: Arc<Frame>) -> bool {
+        if self.flags.load(Ordering::Acquire) & DISCONNECTED != 0 {
+            // Ending after its last frame: nothing more goes out.
+            return true;
+        }
         {
             let mut queue = self.queue();
             if queue.len() >= self.capacity {
@@ -120,6 +127,9 @@ impl Mailbox {
         // Queued frames go out before a drain or expiry ends the stream.
         if let Some(frame) = self.try_pop() {
             return Some(Wake::Frame(frame));
+        }
+        if flags & DISCONNECTED != 0 {
+            return Some(Wake::Disconnected);
         }
         if flags & SHUTDOWN != 0 {
             return Some(Wake::Shutdown);
@@ -197,6 +207,18 @@ impl Mailbox {
     pub fn kill(&self) {
         self.raise(KILLED);
         self.writer.wake();
+    }
+
+    /// Ends the stream after what is queued and then `last` (one frame
+    /// beyond the capacity: it is the last). `false` if the connection was
+    /// already killed or disconnected.
+    pub fn disconnect(&self, last: Arc<Frame>) -> bool {
+        if self.flags.load(Ordering::Acquire) & (KILLED | DISCONNECTED) != 0 {
+            return false;
+        }
+        self.queue().push_back(last);
+        self.raise(DISCONNECTED);
+        true
     }
 
     /// Marks the connection slow and closes it.

@@ -24,6 +24,8 @@ pub enum CloseReason {
     Shutdown,
     /// The node failed it.
     Error,
+    /// `POST /disconnect` closed it.
+    Disconnected,
 }
 
 impl CloseReason {
@@ -34,6 +36,7 @@ impl CloseReason {
             CloseReason::Expired => "expired",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Error => "error",
+            CloseReason::Disconnected => "disconnected",
         }
     }
 }
@@ -55,7 +58,7 @@ pub struct Metrics {
     pub connections: Gauge,
     /// `herald_connections_opened_total`.
     pub opened: Counter,
-    closed: [Counter; 5],
+    closed: [Counter; 6],
     rejected: [Counter; 3],
     /// `herald_messages_published_total`.
     pub published: Counter,
@@ -81,12 +84,33 @@ pub struct Metrics {
     pub redis_shards: Gauge,
     /// `herald_redis_topology_changes_total`: cluster shape changes seen.
     pub redis_topology_changes: Counter,
+    /// `herald_disconnects_total`.
+    pub disconnects: Counter,
+    /// `herald_jwks_refreshes_total{result="ok"|"error"}`.
+    jwks_refreshes: [Counter; 2],
+    /// `herald_auth_requests_total{result="ok"|"denied"|"error"}`.
+    auth_requests: [Counter; 3],
 }
 
 impl Metrics {
     /// Counts a closed connection.
     pub fn closed(&self, reason: CloseReason) {
         self.closed[reason as usize].increment(1);
+    }
+
+    /// Counts an `--auth-url` call by its result label.
+    pub fn auth_request(&self, result: &str) {
+        let i = match result {
+            "ok" => 0,
+            "denied" => 1,
+            _ => 2,
+        };
+        self.auth_requests[i].increment(1);
+    }
+
+    /// Counts a JWKS fetch.
+    pub fn jwks_refresh(&self, ok: bool) {
+        self.jwks_refreshes[usize::from(!ok)].increment(1);
     }
 
     /// Counts a refused connection.
@@ -195,7 +219,7 @@ fn describe() {
 pub fn get() -> &'static Metrics {
     METRICS.get_or_init(|| {
         use CloseReason::*;
-        let closed = [Client, Slow, Expired, Shutdown, Error]
+        let closed = [Client, Slow, Expired, Shutdown, Error, Disconnected]
             .map(|r| counter!("herald_connections_closed_total", "reason" => r.label()));
         let rejected = ["auth", "forbidden", "limit"]
             .map(|r| counter!("herald_connections_rejected_total", "reason" => r));
@@ -216,9 +240,32 @@ pub fn get() -> &'static Metrics {
             redis_reconnects: counter!("herald_redis_reconnects_total"),
             redis_shards: gauge!("herald_redis_shards"),
             redis_topology_changes: counter!("herald_redis_topology_changes_total"),
+            disconnects: counter!("herald_disconnects_total"),
+            jwks_refreshes: ["ok", "error"]
+                .map(|r| counter!("herald_jwks_refreshes_total", "result" => r)),
+            auth_requests: ["ok", "denied", "error"]
+                .map(|r| counter!("herald_auth_requests_total", "result" => r)),
         };
+        metrics::describe_counter!(
+            "herald_auth_requests_total",
+            "--auth-url calls by result: ok (200), denied (401/403), error (timeout, 5xx, bad answer)"
+        );
+        metrics::describe_counter!(
+            "herald_jwks_refreshes_total",
+            "JWKS fetches by result (an error keeps the last good keys)"
+        );
+        metrics::describe_counter!(
+            "herald_disconnects_total",
+            "POST /disconnect requests this node carried out (each closes the user's connections on every node)"
+        );
         // Make every series visible from the first scrape.
-        for c in m.closed.iter().chain(m.rejected.iter()) {
+        for c in m
+            .closed
+            .iter()
+            .chain(&m.rejected)
+            .chain(&m.jwks_refreshes)
+            .chain(&m.auth_requests)
+        {
             c.increment(0);
         }
         for c in [
@@ -231,6 +278,7 @@ pub fn get() -> &'static Metrics {
             &m.resets,
             &m.redis_reconnects,
             &m.redis_topology_changes,
+            &m.disconnects,
         ] {
             c.increment(0);
         }

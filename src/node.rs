@@ -12,11 +12,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app_auth::AppAuth;
 use crate::auth::{self, Verifier};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisConfig};
 use crate::broker::Broker;
 use crate::config::ServeConfig;
+use crate::control::Control;
 use crate::http::{admin_router, body_limit, public_router, AppState};
 use crate::hub::{Hub, HubConfig};
 use crate::publisher::Publisher;
@@ -40,9 +42,15 @@ impl Node {
         crate::metrics::get();
 
         let keys = &config.keys;
-        let demo_secret = (keys.jwt_secret.is_none() && keys.jwt_public_key.is_none())
-            .then(|| format!("{:032x}", rand::random::<u128>()));
-        let verifier = Verifier::new(keys, demo_secret.as_deref())?;
+        let demo_secret = (keys.jwt_secret.is_empty()
+            && keys.jwt_public_key.is_empty()
+            && config.jwt_jwks_url.is_none())
+        .then(|| format!("{:032x}", rand::random::<u128>()));
+        let verifier = Arc::new(match &config.jwt_jwks_url {
+            Some(url) => Verifier::with_jwks(keys, url, config.jwt_jwks_refresh)?,
+            None => Verifier::new(keys, demo_secret.as_deref())?,
+        });
+        tokio::spawn(verifier.clone().keep_jwks_fresh());
         let demo_token = match &demo_secret {
             Some(secret) => Some(auth::mint(
                 secret,
@@ -99,12 +107,16 @@ impl Node {
                 heartbeat: config.heartbeat,
             },
         );
-        tokio::spawn(hub.clone().dispatch_from(incoming));
+        let control = Control::new(hub.clone(), config.revocation_ttl);
+        let (control_tx, control_rx) = mpsc::channel(crate::control::CONTROL_QUEUE);
+        tokio::spawn(hub.clone().dispatch_from(incoming, control_tx));
+        tokio::spawn(control.clone().run(control_rx));
+        tokio::spawn(crate::presence::report(hub.clone(), node_id.clone()));
         tokio::spawn(hub.clone().sweep());
 
         let state = AppState {
             hub,
-            verifier: Arc::new(verifier),
+            verifier,
             session: Arc::new(SessionConfig {
                 node_id,
                 retry: config.retry,
@@ -115,6 +127,14 @@ impl Node {
             publisher: Publisher::new(broker, config.max_payload),
             prometheus,
             cors: crate::http::cors::Cors::new(&config.cors_origins),
+            control,
+            app_auth: match &config.auth_url {
+                Some(url) => Some(Arc::new(
+                    AppAuth::new(url, config.auth_timeout, config.auth_cache_ttl)
+                        .context("--auth-url")?,
+                )),
+                None => None,
+            },
         };
         Ok(Node {
             config,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::broker::{BrokerError, Store};
+use crate::broker::{BrokerError, Page, Presence, Store};
 use crate::channel::Channel;
 use crate::envelope::{compact_json, valid_event_name, StreamId};
 use crate::metrics;
@@ -146,5 +146,49 @@ impl Publisher {
     pub async fn publish(&self, message: Message) -> Result<StreamId, PublishError> {
         let checked = self.check(message)?;
         self.publish_checked(&checked).await
+    }
+
+    /// `POST /disconnect` from an app service: every node closes `user`'s
+    /// connections with `herald.disconnected` (data `{"reason": reason}`);
+    /// with `revoke_for`, their tokens issued before now are refused for
+    /// that long (use the nodes' `--revocation-ttl`).
+    pub async fn disconnect(
+        &self,
+        user: &str,
+        reason: &str,
+        revoke_for: Option<std::time::Duration>,
+    ) -> Result<(), PublishError> {
+        let channel = Channel::user(user)
+            .map_err(|e| PublishError::Invalid(format!("user `{user}`: {e}")))?;
+        if reason.len() > crate::control::MAX_REASON_LEN {
+            return Err(PublishError::Invalid(format!(
+                "reason is at most {} bytes",
+                crate::control::MAX_REASON_LEN
+            )));
+        }
+        let revoke = revoke_for.map(|ttl| (crate::auth::unix_now(), ttl));
+        crate::control::send_disconnect(self.store.as_ref(), &channel, reason, revoke).await?;
+        Ok(())
+    }
+
+    /// `GET /presence` from an app service: connections and nodes on a
+    /// channel across the cluster.
+    pub async fn presence(&self, channel: &str) -> Result<Presence, PublishError> {
+        let channel = Channel::parse(channel)
+            .map_err(|e| PublishError::Invalid(format!("channel `{channel}`: {e}")))?;
+        Ok(self.store.presence(&channel).await?)
+    }
+
+    /// `GET /history` from an app service: at most `limit` entries of
+    /// `channel` older than `before`, newest first (envelope JSON each).
+    pub async fn history(
+        &self,
+        channel: &str,
+        before: Option<StreamId>,
+        limit: usize,
+    ) -> Result<Page, PublishError> {
+        let channel = Channel::parse(channel)
+            .map_err(|e| PublishError::Invalid(format!("channel `{channel}`: {e}")))?;
+        Ok(self.store.history_before(&channel, before, limit).await?)
     }
 }

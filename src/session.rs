@@ -241,6 +241,10 @@ impl Session {
                     self.ended = Some(CloseReason::Error);
                     return None;
                 }
+                Wake::Disconnected => {
+                    self.ended = Some(CloseReason::Disconnected);
+                    return None;
+                }
             }
         }
     }

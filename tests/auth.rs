@@ -332,3 +332,63 @@ async fn without_a_key_serve_prints_a_working_demo_token() {
     let reply = events(&node, "/events", &[]).await.expect_err("no token");
     reply.assert_json_error(StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_secrets_accepts_old_and_new_until_the_old_one_is_removed() {
+    let (old, new) = (
+        "old-secret-for-rotation-0123456789",
+        "new-secret-for-rotation-9876543210",
+    );
+    let alice = Claims::new("alice");
+    let old_token = alice.sign_hmac(Algorithm::HS256, old.as_bytes());
+    let new_token = alice.sign_hmac(Algorithm::HS512, new.as_bytes());
+
+    // Rotation step 1: the new secret is added first, the old one kept.
+    let both = Node::start_without_secret(&["--jwt-secret", new, "--jwt-secret", old]);
+    assert_accepted(&both, &old_token, "old secret while both are configured").await;
+    assert_accepted(&both, &new_token, "new secret while both are configured").await;
+    assert_unauthorized(
+        &both,
+        &alice.sign_hmac(Algorithm::HS256, b"a third secret nobody configured"),
+        "a secret that is not configured",
+    )
+    .await;
+    drop(both);
+
+    // Step 2: the old secret is removed (a restart with the new one only).
+    let rotated = Node::start_without_secret(&["--jwt-secret", new]);
+    assert_accepted(&rotated, &new_token, "new secret after rotation").await;
+    assert_unauthorized(&rotated, &old_token, "old secret after rotation").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_public_keys_in_one_pem_file_and_beside_a_secret() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bundle = dir.path().join("keys.pem");
+    let mut pems = pem("rsa_public.pem");
+    pems.extend(pem("ec_public.pem"));
+    std::fs::write(&bundle, pems).expect("write PEM bundle");
+    let bundle = bundle.to_string_lossy().into_owned();
+    let node = Node::start(&[
+        "--jwt-public-key",
+        &bundle,
+        "--jwt-public-key",
+        &key_flag("ed25519_public.pem"),
+    ]);
+    let alice = Claims::new("alice");
+    for (alg, private) in [
+        (Algorithm::RS256, "rsa_private.pem"),
+        (Algorithm::ES256, "ec_private.pem"),
+        (Algorithm::EdDSA, "ed25519_private.pem"),
+    ] {
+        assert_accepted(&node, &alice.sign_pem(alg, private), &format!("{alg:?}")).await;
+    }
+    assert_accepted(&node, &alice.sign(), "HS256 with the configured secret").await;
+    // Each key stays pinned to its own family, even beside the others.
+    for alg in [Algorithm::HS256, Algorithm::HS512] {
+        for public in ["rsa_public.pem", "ec_public.pem"] {
+            let forged = alice.sign_hmac(alg, &pem(public));
+            assert_unauthorized(&node, &forged, &format!("{alg:?} keyed with {public}")).await;
+        }
+    }
+}

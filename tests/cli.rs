@@ -148,3 +148,44 @@ async fn herald_publish_with_redis_url_uses_the_script_and_reaches_every_node() 
     .await;
     assert_eq!(common::payloads(&replayed), ["from a cron job"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herald_token_control_opens_the_server_api_and_signs_with_the_first_secret() {
+    // Rotation: the node knows the new and the old secret; the CLI is given
+    // them in the same order and signs with the first (the new) one.
+    let (new, old) = ("the-new-secret-0123456789abcdef", SECRET);
+    let node = Node::start_without_secret(&["--jwt-secret", new, "--jwt-secret", old]);
+    let (ok, token, err) = herald(&[
+        "token",
+        "--jwt-secret",
+        &format!("{new},{old}"),
+        "--sub",
+        "ops",
+        "--control",
+        "--kid",
+        "2026-12",
+    ]);
+    assert!(ok, "herald token failed: {err}");
+    let header = jsonwebtoken::decode_header(&token).expect("a JWT");
+    assert_eq!(header.kid.as_deref(), Some("2026-12"));
+    let claims: serde_json::Value = jsonwebtoken::decode(
+        &token,
+        &jsonwebtoken::DecodingKey::from_secret(new.as_bytes()),
+        &jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256),
+    )
+    .expect("signed with the first secret")
+    .claims;
+    assert_eq!(claims["control"], true);
+    assert!(claims["iat"].as_u64().is_some(), "iat is set: {claims}");
+
+    let auth = common::bearer(&token);
+    let reply = common::request(
+        hyper::Method::POST,
+        &node.url("/disconnect"),
+        &[("authorization", &auth)],
+        bytes::Bytes::from_static(br#"{"user":"nobody"}"#),
+    )
+    .await;
+    assert_eq!(reply.status, hyper::StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json(), serde_json::json!({"connections": 0}));
+}

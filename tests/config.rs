@@ -43,6 +43,12 @@ fn help_documents_every_design_flag_with_its_env_var() {
         "max-payload",
         "drain-timeout",
         "max-http-connections",
+        "jwt-jwks-url",
+        "jwt-jwks-refresh",
+        "auth-url",
+        "auth-timeout",
+        "auth-cache-ttl",
+        "revocation-ttl",
     ] {
         assert!(
             help.contains(&format!("--{flag}")),

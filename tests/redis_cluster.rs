@@ -202,6 +202,8 @@ async fn a_node_subscribes_a_user_channel_only_while_it_holds_that_user() {
     let sha = app.load_publish_script().await;
     let alice_key = pubsub_key("user:alice");
     let broadcast_key = pubsub_key("broadcast");
+    // The nodes' own control channel is always subscribed, like broadcast.
+    let control_key = pubsub_key("herald.control");
 
     assert!(
         wait_until(WAIT, || async {
@@ -222,7 +224,11 @@ async fn a_node_subscribes_a_user_channel_only_while_it_holds_that_user() {
     let channels = app.pubsub_channels("herald:{*").await;
     assert_eq!(
         channels,
-        BTreeSet::from([alice_key.clone(), broadcast_key.clone()]),
+        BTreeSet::from([
+            alice_key.clone(),
+            broadcast_key.clone(),
+            control_key.clone()
+        ]),
         "PUBSUB CHANNELS while alice is connected"
     );
     assert_eq!(
@@ -269,7 +275,7 @@ async fn a_node_subscribes_a_user_channel_only_while_it_holds_that_user() {
     );
     assert_eq!(
         app.pubsub_channels("herald:{*").await,
-        BTreeSet::from([broadcast_key.clone()]),
+        BTreeSet::from([broadcast_key.clone(), control_key.clone()]),
         "broadcast stays subscribed with no connection at all"
     );
     assert_eq!(app.numsub(&broadcast_key).await, 2);

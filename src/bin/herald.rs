@@ -95,10 +95,17 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {
-    let secret = args.keys.jwt_secret.as_deref().ok_or_else(|| {
+    // With several secrets (rotation) the first one, the newest, signs.
+    let secret = args.keys.jwt_secret.first().ok_or_else(|| {
         anyhow::anyhow!("`herald token` signs with --jwt-secret (or HERALD_JWT_SECRET)")
     })?;
-    let token = herald::auth::mint(secret, &args.sub, args.topics, args.publish, args.ttl)?;
+    let claims = herald::auth::Claims {
+        topics: args.topics,
+        publish: args.publish,
+        control: args.control,
+        ..herald::auth::Claims::issue(&args.sub, args.ttl)
+    };
+    let token = herald::auth::sign(secret, &claims, args.kid.as_deref())?;
     println!("{token}");
     Ok(())
 }

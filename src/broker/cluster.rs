@@ -517,7 +517,7 @@ impl ShardedTask {
                 done
             }
             Command::Unsubscribe(channel) => {
-                if channel != Channel::broadcast() && self.subs.desired.remove(&channel) {
+                if !channel.is_permanent() && self.subs.desired.remove(&channel) {
                     let key = channel.pubsub_key(prefix);
                     *session.own_unsubscribes.entry(key.clone()).or_insert(0) += 1;
                     tokio::time::timeout(COMMAND_TIMEOUT, session.conn.sunsubscribe(&key)).await

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::{BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Store};
+use super::{
+    encode_presence, sum_presence, BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry,
+    History, Page, Presence, Store,
+};
 use crate::channel::Channel;
 use crate::envelope::{self, now_ms, StreamId};
 use crate::sync::lock;
@@ -29,12 +32,21 @@ struct Shared {
     /// Channel histories. A std mutex: it is never held across an `.await`,
     /// and every critical section is a few pointer moves.
     channels: Mutex<HashMap<Channel, Log>>,
+    /// Live revocations: user channel → (cutoff, when it lapses). Bounded
+    /// by [`MAX_REVOCATIONS`]; lapsed ones are dropped as it fills.
+    revocations: Mutex<HashMap<Channel, (u64, Instant)>>,
+    /// Presence entries: channel → node → `"<count>:<fresh until>"`; only
+    /// channels with connections (a count of 0 removes the entry).
+    presence: Mutex<HashMap<Channel, HashMap<String, String>>>,
     /// Where published messages go; sent under the lock so they arrive in id
     /// order.
     deliveries: Deliveries,
     history_size: usize,
     history_ttl: Duration,
 }
+
+/// Most revocations held at once (each lasts `--revocation-ttl`).
+pub const MAX_REVOCATIONS: usize = 100_000;
 
 struct Log {
     entries: VecDeque<Entry>,
@@ -51,6 +63,8 @@ impl MemoryBroker {
     pub fn new(deliveries: Deliveries, history_size: usize, history_ttl: Duration) -> Self {
         let shared = Arc::new(Shared {
             channels: Mutex::new(HashMap::new()),
+            revocations: Mutex::new(HashMap::new()),
+            presence: Mutex::new(HashMap::new()),
             deliveries,
             history_size: history_size.max(1),
             history_ttl,
@@ -171,6 +185,98 @@ impl Store for MemoryBroker {
             .map_or(StreamId::ZERO, |log| log.last_id);
         drop(channels);
         Box::pin(async move { Ok(tip) })
+    }
+
+    fn history_before<'a>(
+        &'a self,
+        channel: &'a Channel,
+        before: Option<StreamId>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Page, BrokerError>> {
+        let mut channels = self.channels();
+        let mut page = Page::default();
+        if let Some(log) = self.live_log(&mut channels, channel) {
+            let end = before.map_or(log.entries.len(), |before| {
+                log.entries.partition_point(|(id, _)| *id < before)
+            });
+            let start = end.saturating_sub(limit);
+            page.entries = log.entries.range(start..end).rev().cloned().collect();
+            page.more = start > 0;
+        }
+        drop(channels);
+        Box::pin(async move { Ok(page) })
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        user: &'a Channel,
+        before: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        let mut revocations = lock(&self.shared.revocations);
+        if revocations.len() >= MAX_REVOCATIONS {
+            let now = Instant::now();
+            revocations.retain(|_, (_, lapses)| *lapses > now);
+        }
+        let result = if revocations.len() >= MAX_REVOCATIONS && !revocations.contains_key(user) {
+            Err(BrokerError::Unavailable(format!(
+                "{MAX_REVOCATIONS} revocations are live already"
+            )))
+        } else {
+            revocations.insert(user.clone(), (before, Instant::now() + ttl));
+            Ok(())
+        };
+        drop(revocations);
+        Box::pin(async move { result })
+    }
+
+    fn revoked_before<'a>(
+        &'a self,
+        user: &'a Channel,
+    ) -> BoxFuture<'a, Result<Option<u64>, BrokerError>> {
+        let cutoff = lock(&self.shared.revocations)
+            .get(user)
+            .filter(|(_, lapses)| *lapses > Instant::now())
+            .map(|(cutoff, _)| *cutoff);
+        Box::pin(async move { Ok(cutoff) })
+    }
+
+    fn report_presence<'a>(
+        &'a self,
+        node: &'a str,
+        counts: &'a [(Channel, usize)],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        let until = now_ms().saturating_add(ttl.as_millis() as u64);
+        let mut presence = lock(&self.shared.presence);
+        for (channel, count) in counts {
+            if *count == 0 {
+                if let Some(nodes) = presence.get_mut(channel) {
+                    nodes.remove(node);
+                    if nodes.is_empty() {
+                        presence.remove(channel);
+                    }
+                }
+            } else {
+                presence
+                    .entry(channel.clone())
+                    .or_default()
+                    .insert(node.to_owned(), encode_presence(*count, until));
+            }
+        }
+        drop(presence);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn presence<'a>(
+        &'a self,
+        channel: &'a Channel,
+    ) -> BoxFuture<'a, Result<Presence, BrokerError>> {
+        let presence = lock(&self.shared.presence)
+            .get(channel)
+            .map(|nodes| sum_presence(nodes.values().map(String::as_str), now_ms()))
+            .unwrap_or_default();
+        Box::pin(async move { Ok(presence) })
     }
 }
 

@@ -17,6 +17,7 @@ pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -63,6 +64,15 @@ pub enum History {
     Gap,
 }
 
+/// A page of history read newest first ([`Store::history_before`]).
+#[derive(Debug, Default)]
+pub struct Page {
+    /// Entries, newest first.
+    pub entries: Vec<Entry>,
+    /// Whether older entries remain before the last one.
+    pub more: bool,
+}
+
 /// Broker failures; all of them are transient from a client's view (503).
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -97,6 +107,83 @@ pub trait Store: Send + Sync + 'static {
 
     /// The id of the channel's newest entry, [`StreamId::ZERO`] if none.
     fn tip<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<StreamId, BrokerError>>;
+
+    /// At most `limit` entries older than `before` (all entries when
+    /// `None`), newest first: one page of `GET /history`. Redis: one
+    /// `XREVRANGE key (before - COUNT limit+1` on the channel's stream.
+    fn history_before<'a>(
+        &'a self,
+        channel: &'a Channel,
+        before: Option<StreamId>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Page, BrokerError>>;
+
+    /// Refuses the tokens of `user` (a `user:` channel) issued before
+    /// `before` (seconds since the epoch), for `ttl`. Redis: one
+    /// `SET <prefix>:{user:<id>}:revoked <before> EX <ttl>`.
+    fn revoke<'a>(
+        &'a self,
+        user: &'a Channel,
+        before: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// The cutoff of `user`'s revocation while it lasts. Redis: one `GET`
+    /// of the key [`Store::revoke`] sets.
+    fn revoked_before<'a>(
+        &'a self,
+        user: &'a Channel,
+    ) -> BoxFuture<'a, Result<Option<u64>, BrokerError>>;
+
+    /// Records node `node`'s connection count on each channel, each fresh
+    /// for `ttl`; a count of 0 removes the node's entry. Redis, per
+    /// channel (single-key commands, pipelined): `HSET
+    /// <prefix>:{<channel>}:presence <node> "<count>:<fresh until, ms>"` and
+    /// `PEXPIRE` of that key by `ttl`, or `HDEL` for 0.
+    fn report_presence<'a>(
+        &'a self,
+        node: &'a str,
+        counts: &'a [(Channel, usize)],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// The channel's connections and nodes holding any, over every node's
+    /// still-fresh entry. Redis: one `HGETALL` of the presence hash.
+    fn presence<'a>(&'a self, channel: &'a Channel)
+        -> BoxFuture<'a, Result<Presence, BrokerError>>;
+}
+
+/// Cluster-wide presence on a channel ([`Store::presence`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Presence {
+    /// Open connections, over all nodes.
+    pub connections: usize,
+    /// Nodes holding at least one of them.
+    pub nodes: usize,
+}
+
+/// One node's presence entry as stored: `"<count>:<fresh until, ms>"`.
+pub fn encode_presence(count: usize, fresh_until_ms: u64) -> String {
+    format!("{count}:{fresh_until_ms}")
+}
+
+/// Sums presence entries (as [`encode_presence`] wrote them) still fresh at
+/// `now_ms`; malformed ones are skipped.
+pub fn sum_presence<'a>(entries: impl Iterator<Item = &'a str>, now_ms: u64) -> Presence {
+    let mut presence = Presence::default();
+    for entry in entries {
+        let Some((count, until)) = entry.split_once(':') else {
+            continue;
+        };
+        let (Ok(count), Ok(until)) = (count.parse::<usize>(), until.parse::<u64>()) else {
+            continue;
+        };
+        if until > now_ms && count > 0 {
+            presence.connections = presence.connections.saturating_add(count);
+            presence.nodes += 1;
+        }
+    }
+    presence
 }
 
 /// The backbone a node publishes to and subscribes through.
@@ -111,4 +198,30 @@ pub trait Broker: Store {
 
     /// Whether the broker is connected (readiness).
     fn is_connected(&self) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_sums_fresh_entries_and_skips_stale_or_malformed_ones() {
+        let entries = [
+            encode_presence(2, 2_000),
+            encode_presence(3, 5_000),
+            encode_presence(7, 999),
+            encode_presence(0, 5_000),
+            "garbage".into(),
+            "1:".into(),
+            "-1:5000".into(),
+        ];
+        let presence = sum_presence(entries.iter().map(String::as_str), 1_000);
+        assert_eq!(
+            presence,
+            Presence {
+                connections: 5,
+                nodes: 2
+            }
+        );
+    }
 }

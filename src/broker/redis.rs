@@ -8,11 +8,11 @@
 //!   [`crate::Publisher::redis_cluster`].
 //! - [`RedisBroker`] adds the node's single pub/sub connection, owned by one
 //!   task that takes (un)subscribe commands over a channel. The `broadcast`
-//!   channel is always subscribed. When the connection is lost — or silently
-//!   stops delivering, which a periodic probe on the node's own channel
-//!   catches — the task reconnects with capped, jittered exponential backoff,
-//!   resubscribes everything, and tells the hub to refill each active
-//!   channel's gap from history.
+//!   and control channels are always subscribed. When the connection is
+//!   lost — or silently stops delivering, which a periodic probe on the
+//!   node's own channel catches — the task reconnects with capped, jittered
+//!   exponential backoff, resubscribes everything, and tells the hub to
+//!   refill each active channel's gap from history.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +25,7 @@ use deadpool_redis::Runtime;
 use futures_util::StreamExt as _;
 use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
+use redis::streams::StreamRangeReply;
 use redis::RedisError;
 use redis::{Script, Value};
 use serde_json::value::RawValue;
@@ -32,7 +33,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Store};
+use super::{
+    encode_presence, sum_presence, BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry,
+    History, Page, Presence, Store,
+};
 use crate::channel::Channel;
 use crate::envelope::{self, StreamId};
 use crate::metrics;
@@ -134,9 +138,13 @@ fn settle<T>(
     }
 }
 
+/// Channels per presence pipeline.
+const PRESENCE_BATCH: usize = 500;
+
 /// What can be sent to Redis on a pooled connection.
 pub(super) enum Request<'a> {
     Cmd(&'a redis::Cmd),
+    Pipe(&'a redis::Pipeline),
     Script(&'a redis::ScriptInvocation<'a>),
 }
 
@@ -276,6 +284,9 @@ impl RedisStore {
                     Request::Cmd(cmd) => {
                         tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async(&mut conn)).await
                     }
+                    Request::Pipe(pipe) => {
+                        tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async(&mut conn)).await
+                    }
                     Request::Script(script) => {
                         tokio::time::timeout(COMMAND_TIMEOUT, script.invoke_async(&mut conn)).await
                     }
@@ -293,6 +304,9 @@ impl RedisStore {
             let result = match request {
                 Request::Cmd(cmd) => {
                     tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async(&mut *conn)).await
+                }
+                Request::Pipe(pipe) => {
+                    tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async(&mut *conn)).await
                 }
                 Request::Script(script) => {
                     tokio::time::timeout(COMMAND_TIMEOUT, script.invoke_async(&mut *conn)).await
@@ -367,6 +381,92 @@ impl RedisStore {
             _ => Err(unavailable("unexpected XREVRANGE reply")),
         }
     }
+
+    async fn read_before(
+        &self,
+        channel: &Channel,
+        before: Option<StreamId>,
+        limit: usize,
+    ) -> Result<Page, BrokerError> {
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(channel.history_key(&self.config.prefix));
+        match before {
+            Some(before) => cmd.arg(format!("({before}")),
+            None => cmd.arg("+"),
+        };
+        // One more than the page: its presence says whether there is more.
+        cmd.arg("-").arg("COUNT").arg(limit.saturating_add(1));
+        let reply: StreamRangeReply = self.query(Request::Cmd(&cmd), "history page").await?;
+        let more = reply.ids.len() > limit;
+        let entries = reply.ids.iter().take(limit).filter_map(entry_of).collect();
+        Ok(Page { entries, more })
+    }
+
+    async fn write_revocation(
+        &self,
+        user: &Channel,
+        before: u64,
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(user.revocation_key(&self.config.prefix))
+            .arg(before)
+            .arg("EX")
+            .arg(ttl.as_secs().max(1));
+        self.query::<()>(Request::Cmd(&cmd), "revoke").await
+    }
+
+    async fn read_revocation(&self, user: &Channel) -> Result<Option<u64>, BrokerError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(user.revocation_key(&self.config.prefix));
+        // Anything but a number was not written by Herald: no revocation.
+        let value: Option<String> = self.query(Request::Cmd(&cmd), "revocation read").await?;
+        Ok(value.and_then(|v| v.parse().ok()))
+    }
+
+    async fn write_presence(
+        &self,
+        node: &str,
+        counts: &[(Channel, usize)],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let until = envelope::now_ms().saturating_add(ttl.as_millis() as u64);
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        // On a cluster a pipeline must stay within one slot: one channel's
+        // key (one hash tag) per pipeline there.
+        let batch_size = match self.backend {
+            Backend::Single(_) => PRESENCE_BATCH,
+            Backend::Cluster(_) => 1,
+        };
+        for batch in counts.chunks(batch_size) {
+            let mut pipe = redis::pipe();
+            for (channel, count) in batch {
+                let key = channel.presence_key(&self.config.prefix);
+                if *count == 0 {
+                    pipe.hdel(&key, node).ignore();
+                } else {
+                    pipe.hset(&key, node, encode_presence(*count, until))
+                        .ignore()
+                        .pexpire(&key, ttl_ms as i64)
+                        .ignore();
+                }
+            }
+            self.query::<()>(Request::Pipe(&pipe), "presence report")
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn read_presence(&self, channel: &Channel) -> Result<Presence, BrokerError> {
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(channel.presence_key(&self.config.prefix));
+        let nodes: std::collections::HashMap<String, String> =
+            self.query(Request::Cmd(&cmd), "presence read").await?;
+        Ok(sum_presence(
+            nodes.values().map(String::as_str),
+            envelope::now_ms(),
+        ))
+    }
 }
 
 /// Turns the history script's reply into [`History`]; `None` if malformed.
@@ -402,7 +502,8 @@ fn parse_history(reply: Value, after: StreamId, limit: usize) -> Option<History>
     if deleted > after || after > last || (trimmed && after < first) {
         return Some(History::Gap);
     }
-    let entries: Vec<Entry> = raw.into_iter().filter_map(parse_entry).collect();
+    let raw: StreamRangeReply = redis::from_redis_value(Value::Array(raw)).ok()?;
+    let entries: Vec<Entry> = raw.ids.iter().filter_map(entry_of).collect();
     if entries.len() > limit {
         return Some(History::Gap);
     }
@@ -429,31 +530,16 @@ fn parse_entry_id(entry: &Value) -> Option<StreamId> {
     }
 }
 
-/// One stream entry `[id, [field, value, …]]` → its id and envelope JSON.
-/// Entries whose data is not JSON are skipped (counted as invalid).
-fn parse_entry(entry: Value) -> Option<Entry> {
-    let Value::Array(mut pair) = entry else {
-        return None;
-    };
-    if pair.len() != 2 {
-        return None;
-    }
-    let fields = pair.pop()?;
-    let id: StreamId = text(pair.pop()?)?.parse().ok()?;
-    let Value::Array(fields) = fields else {
-        return None;
-    };
-    let mut event = None;
-    let mut data = None;
-    let mut fields = fields.into_iter();
-    while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
-        match text(name)?.as_str() {
-            "e" => event = text(value).filter(|e| !e.is_empty()),
-            "d" => data = text(value),
-            _ => {}
-        }
-    }
-    let Some(data) = data.and_then(|d| RawValue::from_string(d).ok()) else {
+/// One stream entry (fields `e`: event, `d`: data, as the publish script
+/// writes them) → its id and envelope JSON. Entries whose data is not JSON
+/// are skipped (counted as invalid).
+fn entry_of(entry: &redis::streams::StreamId) -> Option<Entry> {
+    let id: StreamId = entry.id.parse().ok()?;
+    let event = entry.get::<String>("e").filter(|e| !e.is_empty());
+    let data = entry
+        .get::<String>("d")
+        .and_then(|d| RawValue::from_string(d).ok());
+    let Some(data) = data else {
         // Not from the publish script (it checks data is JSON): skip it.
         metrics::get().invalid.increment(1);
         return None;
@@ -483,6 +569,47 @@ impl Store for RedisStore {
 
     fn tip<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<StreamId, BrokerError>> {
         Box::pin(self.read_tip(channel))
+    }
+
+    fn history_before<'a>(
+        &'a self,
+        channel: &'a Channel,
+        before: Option<StreamId>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Page, BrokerError>> {
+        Box::pin(self.read_before(channel, before, limit))
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        user: &'a Channel,
+        before: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(self.write_revocation(user, before, ttl))
+    }
+
+    fn revoked_before<'a>(
+        &'a self,
+        user: &'a Channel,
+    ) -> BoxFuture<'a, Result<Option<u64>, BrokerError>> {
+        Box::pin(self.read_revocation(user))
+    }
+
+    fn report_presence<'a>(
+        &'a self,
+        node: &'a str,
+        counts: &'a [(Channel, usize)],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(self.write_presence(node, counts, ttl))
+    }
+
+    fn presence<'a>(
+        &'a self,
+        channel: &'a Channel,
+    ) -> BoxFuture<'a, Result<Presence, BrokerError>> {
+        Box::pin(self.read_presence(channel))
     }
 }
 
@@ -576,6 +703,47 @@ impl Store for RedisBroker {
     fn tip<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<StreamId, BrokerError>> {
         self.store.tip(channel)
     }
+
+    fn history_before<'a>(
+        &'a self,
+        channel: &'a Channel,
+        before: Option<StreamId>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Page, BrokerError>> {
+        self.store.history_before(channel, before, limit)
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        user: &'a Channel,
+        before: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        self.store.revoke(user, before, ttl)
+    }
+
+    fn revoked_before<'a>(
+        &'a self,
+        user: &'a Channel,
+    ) -> BoxFuture<'a, Result<Option<u64>, BrokerError>> {
+        self.store.revoked_before(user)
+    }
+
+    fn report_presence<'a>(
+        &'a self,
+        node: &'a str,
+        counts: &'a [(Channel, usize)],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        self.store.report_presence(node, counts, ttl)
+    }
+
+    fn presence<'a>(
+        &'a self,
+        channel: &'a Channel,
+    ) -> BoxFuture<'a, Result<Presence, BrokerError>> {
+        self.store.presence(channel)
+    }
 }
 
 impl Broker for RedisBroker {
@@ -621,7 +789,7 @@ impl Subscriptions {
             commands,
             deliveries,
             connected,
-            desired: HashSet::from([Channel::broadcast()]),
+            desired: HashSet::from([Channel::broadcast(), Channel::control()]),
             waiting: Vec::new(),
         }
     }
@@ -657,7 +825,7 @@ impl Subscriptions {
                 self.waiting.push(ack);
             }
             Command::Unsubscribe(channel) => {
-                if channel != Channel::broadcast() {
+                if !channel.is_permanent() {
                     self.desired.remove(&channel);
                 }
             }
@@ -852,7 +1020,7 @@ impl PubSubTask {
                             done
                         }
                         Command::Unsubscribe(channel) => {
-                            if channel != Channel::broadcast() && self.subs.desired.remove(&channel) {
+                            if !channel.is_permanent() && self.subs.desired.remove(&channel) {
                                 let key = channel.pubsub_key(&prefix);
                                 tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(&key)).await
                             } else {

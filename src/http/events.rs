@@ -90,9 +90,7 @@ async fn open_session(
             _ => {}
         }
     }
-    let (token, _) = crate::auth::find_token(headers, &state.cookie_name, query_token.as_deref())
-        .ok_or(crate::auth::AuthError::Missing)?;
-    let claims = state.verifier.verify(token)?;
+    let claims = super::access::authenticate(state, headers, query_token.as_deref()).await?;
 
     let user = Channel::user(&claims.sub).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let mut channels = vec![user, Channel::broadcast()];

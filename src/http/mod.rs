@@ -2,10 +2,14 @@
 //! admin router (`/metrics`, `/healthz`, `/readyz`), kept on separate
 //! listeners so metrics are never exposed by accident.
 
+mod access;
 mod admin;
 mod client;
 pub mod cors;
+mod disconnect;
 mod events;
+mod history;
+mod presence;
 mod publish;
 
 use std::sync::Arc;
@@ -44,12 +48,16 @@ pub struct AppState {
     pub prometheus: PrometheusHandle,
     /// Allowed CORS origins.
     pub cors: cors::Cors,
+    /// Disconnects and revocations across nodes.
+    pub control: crate::control::Control,
+    /// Session cookies checked by the application (`--auth-url`).
+    pub app_auth: Option<Arc<crate::app_auth::AppAuth>>,
 }
 
 impl AppState {
     /// Whether the node should receive traffic.
     pub fn is_ready(&self) -> bool {
-        !self.hub.is_draining() && self.hub.broker().is_connected()
+        !self.hub.is_draining() && self.hub.broker().is_connected() && self.verifier.is_ready()
     }
 }
 
@@ -63,6 +71,9 @@ pub fn public_router(state: AppState) -> Router {
         .route("/herald.js", get(client::herald_js))
         .route("/events", get(events::events))
         .route("/publish", post(publish::publish))
+        .route("/history", get(history::history))
+        .route("/disconnect", post(disconnect::disconnect))
+        .route("/presence", get(presence::presence))
         .with_state(state)
         // The transport bounds every body already (`body_limit`).
         .layer(axum::extract::DefaultBodyLimit::disable());
@@ -151,4 +162,38 @@ pub fn error_response(status: StatusCode, message: &str) -> Response {
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     response
+}
+
+// --- Server API helpers (`/disconnect`, `/presence`) ----------------------
+
+/// Largest server API request body.
+const MAX_API_BODY: usize = 4096;
+
+/// The claims of the request's bearer token, which must carry `control`
+/// (401 without a valid token, 403 without the claim). Bearer only, as for
+/// `/publish`: a page must not reach the server API with a visitor's cookie.
+pub(crate) fn require_control(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+) -> Result<Arc<crate::auth::Claims>, ApiError> {
+    let token = crate::auth::bearer_token(headers).ok_or(AuthError::Missing)?;
+    let claims = state.verifier.verify(token)?;
+    if !claims.control {
+        return Err(ApiError::Forbidden(
+            "the server API needs a token with the `control` claim".into(),
+        ));
+    }
+    Ok(claims)
+}
+
+/// Reads a server API request body (at most [`MAX_API_BODY`] bytes).
+pub(crate) async fn api_body(body: axum::body::Body) -> Result<bytes::Bytes, ApiError> {
+    use http_body_util::{BodyExt, LengthLimitError, Limited};
+    match Limited::new(body, MAX_API_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::TooLarge(
+            format!("request body over {MAX_API_BODY} bytes"),
+        )),
+        Err(e) => Err(ApiError::BadRequest(format!("could not read body: {e}"))),
+    }
 }

@@ -11,6 +11,7 @@
 // Every test binary compiles this module but uses only part of it.
 #![allow(dead_code)]
 
+pub(crate) mod app;
 pub(crate) mod cluster;
 pub(crate) mod proxy;
 pub(crate) mod resp;

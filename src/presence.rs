@@ -1,0 +1,73 @@
+//! Presence: how many connections a channel has across the cluster.
+//!
+//! Each node writes its own count per channel it holds into the broker
+//! (one entry per node, fresh for [`PRESENCE_TTL`]) and readers add up the
+//! fresh entries ([`crate::broker::Store::presence`]). Counts, never
+//! connection lists. A count that changed is written within
+//! [`PRESENCE_INTERVAL`]; an unchanged one is rewritten every
+//! [`PRESENCE_REFRESH`], so a node that dies without a goodbye (SIGKILL)
+//! drops out within [`PRESENCE_TTL`]. The cost: about one Redis write per
+//! held channel per refresh, plus one per change.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::channel::Channel;
+use crate::hub::Hub;
+
+/// How often a node compares its counts with what it last wrote.
+pub const PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often an unchanged count is rewritten.
+pub const PRESENCE_REFRESH: Duration = Duration::from_secs(4);
+/// How long a written count stays valid without a rewrite.
+pub const PRESENCE_TTL: Duration = Duration::from_secs(10);
+
+/// Reports this node's counts to the broker until the process ends.
+/// A failed write is logged and retried on the next tick.
+pub async fn report(hub: Hub, node_id: String) {
+    // What was last written, and when, per channel.
+    let mut written: HashMap<Channel, (usize, Instant)> = HashMap::new();
+    let mut tick = tokio::time::interval(PRESENCE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let current: HashMap<Channel, usize> = hub.channel_counts().into_iter().collect();
+        let mut changes: Vec<(Channel, usize)> = current
+            .iter()
+            .filter(|(channel, count)| match written.get(*channel) {
+                Some((before, at)) => before != *count || now - *at >= PRESENCE_REFRESH,
+                None => true,
+            })
+            .map(|(channel, count)| (channel.clone(), *count))
+            .collect();
+        // Channels this node no longer holds: remove its entry.
+        changes.extend(
+            written
+                .keys()
+                .filter(|channel| !current.contains_key(*channel))
+                .map(|channel| (channel.clone(), 0)),
+        );
+        if changes.is_empty() {
+            continue;
+        }
+        match hub
+            .broker()
+            .report_presence(&node_id, &changes, PRESENCE_TTL)
+            .await
+        {
+            Ok(()) => {
+                for (channel, count) in changes {
+                    if count == 0 {
+                        written.remove(&channel);
+                    } else {
+                        written.insert(channel, (count, now));
+                    }
+                }
+            }
+            Err(error) => tracing::debug!(%error, "presence report failed; retrying"),
+        }
+    }
+}
