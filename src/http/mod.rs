@@ -5,7 +5,7 @@
 mod admin;
 pub mod cors;
 mod events;
-mod publish;
+pub(crate) mod publish; // `pub(crate)`: `crate::fuzzing` reaches `parse_body`
 
 use std::sync::Arc;
 
