@@ -117,11 +117,12 @@ fn check_head(wire: &[u8], head: &Head) {
             assert_eq!(codings, 1);
             assert_eq!(head.version, Version::HTTP_11);
             let coding = head.headers[header::TRANSFER_ENCODING].as_bytes();
+            // Empty list elements are ignored (RFC 9110 §5.6.1).
             let last = coding
-                .rsplit(|b| *b == b',')
-                .next()
-                .unwrap_or(b"")
-                .trim_ascii();
+                .split(|b| *b == b',')
+                .map(<[u8]>::trim_ascii)
+                .rfind(|t| !t.is_empty())
+                .unwrap_or(b"");
             assert!(last.eq_ignore_ascii_case(b"chunked"));
         }
     }
