@@ -54,5 +54,12 @@ mod sync;
 
 mod node;
 
+/// What the fuzz targets in `fuzz/` drive that is not otherwise public. Not
+/// part of the API: it changes whenever the fuzz targets need it to.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::http::publish::parse_body as parse_publish_body;
+}
+
 pub use node::Node;
 pub use publisher::{Message, Publisher};

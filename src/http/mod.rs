@@ -10,7 +10,8 @@ mod disconnect;
 mod events;
 mod history;
 mod presence;
-mod publish;
+// `pub(crate)`: `crate::fuzzing` reaches `parse_body`.
+pub(crate) mod publish;
 
 use std::sync::Arc;
 

@@ -62,10 +62,10 @@ pub fn body_limit(max_payload: usize) -> usize {
     max_payload.saturating_mul(16).max(64 * 1024)
 }
 
-/// Publishes what a request body asks for, on behalf of a verified token:
-/// checks every message (shape, channel, size, the token's `publish`
-/// patterns) before publishing any, and returns the JSON reply body.
-async fn publish_body(state: &AppState, claims: &Claims, body: &[u8]) -> Result<String, ApiError> {
+/// The messages a request body holds, and whether it was a batch: the JSON
+/// parsed and its shape and batch size checked, nothing validated or
+/// published yet. Pure, so the fuzz targets drive it directly.
+pub fn parse_body(body: &[u8]) -> Result<(Vec<Message>, bool), ApiError> {
     let request: Request = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
     let (messages, batch) = match request {
@@ -99,6 +99,14 @@ async fn publish_body(state: &AppState, claims: &Claims, body: &[u8]) -> Result<
             "a batch holds 1-{MAX_BATCH} messages"
         )));
     }
+    Ok((messages, batch))
+}
+
+/// Publishes what a request body asks for, on behalf of a verified token:
+/// checks every message (shape, channel, size, the token's `publish`
+/// patterns) before publishing any, and returns the JSON reply body.
+async fn publish_body(state: &AppState, claims: &Claims, body: &[u8]) -> Result<String, ApiError> {
+    let (messages, batch) = parse_body(body)?;
 
     // Validate everything before publishing anything.
     let publisher = &state.publisher;
