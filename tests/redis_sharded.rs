@@ -158,7 +158,8 @@ async fn users_on_every_node_get_what_is_published_through_any_path() {
         for key in users
             .iter()
             .map(|u| pubsub_key(&format!("user:{u}")))
-            .chain([pubsub_key("broadcast")])
+            // The two channels every node always subscribes.
+            .chain([pubsub_key("broadcast"), pubsub_key("herald.control")])
         {
             if cluster.owner(&key).await == *master {
                 expected.insert(key);
@@ -213,11 +214,14 @@ async fn users_on_every_node_get_what_is_published_through_any_path() {
     // The last local connection gone, each master forgets the channel.
     drop(streams);
     for master in by_master.keys() {
-        let broadcast_here = cluster.owner(&pubsub_key("broadcast")).await == *master;
+        let mut permanent = BTreeSet::new();
+        for key in [pubsub_key("broadcast"), pubsub_key("herald.control")] {
+            if cluster.owner(&key).await == *master {
+                permanent.insert(key);
+            }
+        }
         let gone = wait_until(WAIT, || async {
-            let left = shard_channels(*master).await;
-            left.iter().all(|key| key == &pubsub_key("broadcast"))
-                && left.len() == usize::from(broadcast_here)
+            shard_channels(*master).await == permanent
         })
         .await;
         assert!(
