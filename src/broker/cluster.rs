@@ -509,12 +509,7 @@ impl ShardedTask {
                 } else {
                     Ok(Ok(()))
                 };
-                if matches!(done, Ok(Ok(()))) {
-                    let _ = ack.send(());
-                } else {
-                    self.subs.waiting.push(ack);
-                }
-                done
+                self.subs.settle(done, ack)
             }
             Command::Unsubscribe(channel) => {
                 if !channel.is_permanent() && self.subs.desired.remove(&channel) {

@@ -780,6 +780,22 @@ pub(super) struct Subscriptions {
 }
 
 impl Subscriptions {
+    /// Answers a subscriber once its subscribe went through (`done` is the
+    /// command's outcome); otherwise it waits for the next (re)connect.
+    /// Returns the outcome, for the session to end on a failure.
+    pub(super) fn settle<T, E>(
+        &mut self,
+        done: Result<Result<(), E>, T>,
+        ack: oneshot::Sender<()>,
+    ) -> Result<Result<(), E>, T> {
+        if matches!(done, Ok(Ok(()))) {
+            let _ = ack.send(());
+        } else {
+            self.waiting.push(ack);
+        }
+        done
+    }
+
     pub(super) fn new(
         commands: mpsc::UnboundedReceiver<Command>,
         deliveries: Deliveries,
@@ -1012,12 +1028,7 @@ impl PubSubTask {
                             } else {
                                 Ok(Ok(()))
                             };
-                            if matches!(done, Ok(Ok(()))) {
-                                let _ = ack.send(());
-                            } else {
-                                self.subs.waiting.push(ack);
-                            }
-                            done
+                            self.subs.settle(done, ack)
                         }
                         Command::Unsubscribe(channel) => {
                             if !channel.is_permanent() && self.subs.desired.remove(&channel) {
