@@ -124,3 +124,121 @@ pub(crate) fn draw(path: &Path, report: &Report, latency: &Histogram<u64>) -> an
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
+
+/// The `scale` chart: connections per node over time (from each node's
+/// own gauge) above deliveries per second, on one time axis (seconds since
+/// publishing started; the ramp is negative).
+pub(crate) fn draw_scale(path: &Path, report: &crate::scale::ScaleReport) -> anyhow::Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(path, (1400, 1000)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let (top, bottom) = root.split_vertically(560);
+    let nodes = report
+        .series
+        .iter()
+        .map(|p| p.connections.len())
+        .max()
+        .unwrap_or(0);
+    let x_min = report.series.first().map_or(0.0, |p| p.t_s).min(0.0);
+    let x_max = report
+        .series
+        .last()
+        .map_or(1.0, |p| p.t_s)
+        .max(report.per_second.len() as f64)
+        .max(x_min + 1.0);
+    let y_max = report
+        .series
+        .iter()
+        .flat_map(|p| p.connections.iter().flatten())
+        .copied()
+        .max()
+        .unwrap_or(1) as f64
+        * 1.1;
+    let mut chart = ChartBuilder::on(&top)
+        .caption(
+            format!(
+                "herald-load scale{}: connections per node ({} nodes)",
+                report
+                    .label
+                    .as_ref()
+                    .map(|l| format!(" ({l})"))
+                    .unwrap_or_default(),
+                nodes
+            ),
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .margin_right(40)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x_min..x_max, 0.0..y_max.max(1.0))
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since publishing started")
+        .y_desc("connections")
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    for node in 0..nodes {
+        let color = Palette99::pick(node).to_rgba();
+        // A node that is down draws as a gap: one line per stretch it was up.
+        let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new()];
+        for p in &report.series {
+            match p.connections.get(node).copied().flatten() {
+                Some(c) => runs.last_mut().expect("one run").push((p.t_s, c as f64)),
+                None => {
+                    if !runs.last().expect("one run").is_empty() {
+                        runs.push(Vec::new());
+                    }
+                }
+            }
+        }
+        let mut first = true;
+        for run in runs.into_iter().filter(|r| !r.is_empty()) {
+            let series = chart
+                .draw_series(LineSeries::new(run, color.stroke_width(2)))
+                .map_err(|e| anyhow!("{e}"))?;
+            if first {
+                series.label(format!("node {node}")).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+                first = false;
+            }
+        }
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+
+    let series: Vec<(f64, f64)> = report
+        .per_second
+        .iter()
+        .enumerate()
+        .map(|(s, n)| (s as f64, *n as f64))
+        .collect();
+    let y_max = series.iter().map(|p| p.1).fold(1.0_f64, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&bottom)
+        .caption("deliveries per second (all clients)", ("sans-serif", 22))
+        .margin(15)
+        .margin_right(40)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x_min..x_max, 0.0..y_max)
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since publishing started")
+        .y_desc("deliveries/s")
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .draw_series(LineSeries::new(series, RED.stroke_width(2)))
+        .map_err(|e| anyhow!("{e}"))?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -16,6 +16,8 @@
 //! - `relay`, `deliver` — the floor probes: a bare HTTP → publish-script
 //!   relay, and a bare pub/sub → SSE writer.
 //! - `net` — targets, the minimal HTTP client, token minting.
+//! - `scale` — the `scale` scenario: owns a cluster of nodes, restarts,
+//!   kills and adds them under load.
 //! - `procfs` — RSS and CPU time from `/proc`.
 //! - `proto` — what the coordinator and workers say to each other.
 //! - `report`, `chart` — the table, JSON, markdown comparison and PNG.
@@ -30,6 +32,7 @@ mod publish;
 mod relay;
 mod report;
 mod run;
+mod scale;
 mod wire;
 mod worker;
 
@@ -82,6 +85,10 @@ enum Command {
     /// The floor of a delivery hop: holds `/events` clients and writes each
     /// message from Redis pub/sub, nothing else, for `load/compare`.
     Deliver(deliver::DeliverArgs),
+    /// Starts its own Herald nodes, holds up to 100,000 connections over
+    /// them, publishes broadcasts and unicasts while it restarts, kills and
+    /// adds nodes, and accounts for every message.
+    Scale(Box<scale::ScaleArgs>),
     /// Internal: run as a worker process (the plan comes on stdin).
     #[command(hide = true)]
     Worker,
@@ -241,6 +248,7 @@ fn main() {
         Command::Markdown { files } => exit_on_error(print_markdown(&files)),
         Command::Relay(a) => exit_on_error(relay::run(a)),
         Command::Deliver(a) => exit_on_error(deliver::run(a)),
+        Command::Scale(a) => exit_on_error(scale::main(*a)),
         Command::Idle(a) => (run::Scenario::Idle, a),
         Command::Broadcast(a) => (run::Scenario::Broadcast, a),
         Command::Unicast(a) => (run::Scenario::Unicast, a),

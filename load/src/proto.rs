@@ -53,6 +53,36 @@ pub(crate) struct WorkerPlan {
     /// the per-second series' origin to the start of publishing).
     pub(crate) epoch_us: u64,
     pub(crate) report_ms: u64,
+    /// The `scale` scenario's mixed traffic (absent in the others).
+    #[serde(default)]
+    pub(crate) mixed: Option<Mixed>,
+    /// Reconnect to a random one of the active targets (like a balancer)
+    /// instead of the next one.
+    #[serde(default)]
+    pub(crate) random_reconnect: bool,
+    /// Only the first this many targets take connections (0: all); the
+    /// coordinator widens it with `ToWorker::Targets` as nodes join.
+    #[serde(default)]
+    pub(crate) active_targets: usize,
+}
+
+/// Broadcasts and unicasts in one run, each with its own sequence space:
+/// broadcast `k` carries the event name `broadcast_event` and goes to every
+/// client; unicast `k` (any other event) goes to user
+/// `u((k · unicast_mult) mod total_clients)`. The multiplier is coprime to
+/// the number of clients, so it permutes them: the users look random, yet
+/// each client still knows exactly which sequence numbers are its own
+/// (`k ≡ u · unicast_mult⁻¹`, every `total_clients`-th message).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Mixed {
+    pub(crate) broadcast_event: String,
+    /// Broadcasts in the run (bounds the bitmaps).
+    pub(crate) broadcasts: u64,
+    pub(crate) unicast_mult: u64,
+    /// `unicast_mult⁻¹ mod total_clients`.
+    pub(crate) unicast_mult_inv: u64,
+    /// Phases the latency is split by (`ToWorker::Phase` moves on).
+    pub(crate) phases: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,8 +91,21 @@ pub(crate) enum ToWorker {
     /// Publishing begins (at unix µs `at_us`): clients ready now are the
     /// ones accounted for, and the per-second series counts from here.
     Start { at_us: u64 },
-    /// Publishing is over: settle the accounts and report.
-    Finish { published: u64, excluded: Vec<u64> },
+    /// Publishing is over: settle the accounts and report. With mixed
+    /// traffic, `published`/`excluded` are the unicasts' and
+    /// `broadcast_*` the broadcasts'.
+    Finish {
+        published: u64,
+        excluded: Vec<u64>,
+        #[serde(default)]
+        broadcast_published: u64,
+        #[serde(default)]
+        broadcast_excluded: Vec<u64>,
+    },
+    /// Latency from now on counts towards phase `index`.
+    Phase { index: usize },
+    /// The first `active` targets take connections from now on.
+    Targets { active: usize },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,6 +187,24 @@ pub(crate) struct WorkerResult {
     /// Unix µs of the first and last delivery (0 if none).
     pub(crate) first_delivery_us: u64,
     pub(crate) last_delivery_us: u64,
+    /// Mixed traffic: the broadcasts' account (`tally` is the unicasts').
+    #[serde(default)]
+    pub(crate) broadcast_tally: Option<Tally>,
+    /// Mixed traffic: live latency per phase, µs.
+    #[serde(default)]
+    pub(crate) phases: Vec<PhaseLatency>,
+    /// Mixed traffic: every live unicast delivery as (sent unix µs,
+    /// latency µs), so the coordinator can pick those that were in flight
+    /// while a broadcast went out.
+    #[serde(default)]
+    pub(crate) unicast_samples: Vec<(u64, u64)>,
+}
+
+/// Live-delivery latency of one phase, by kind.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct PhaseLatency {
+    pub(crate) unicast: Hist,
+    pub(crate) broadcast: Hist,
 }
 
 /// A histogram in transit: (value, count) pairs.

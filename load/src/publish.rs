@@ -17,6 +17,7 @@ use hdrhistogram::Histogram;
 use crate::net::{unix_now_us, HttpConn, RequestError, Target};
 use crate::proto::{new_histogram, Fanout};
 use crate::Kind;
+use serde_json::value::RawValue;
 
 /// Herald's publish script, the one its nodes and `herald::Publisher` use.
 const PUBLISH_SCRIPT: &str = herald::broker::redis::PUBLISH_SCRIPT;
@@ -36,6 +37,9 @@ pub(crate) enum Via {
         history_size: u64,
         history_ttl_s: u64,
     },
+    /// Herald's own library publisher (`herald::Publisher`): the publish
+    /// script on one Redis or, routed by slot, on a Redis Cluster.
+    Library(herald::Publisher),
 }
 
 pub(crate) struct PublishPlan {
@@ -45,6 +49,57 @@ pub(crate) struct PublishPlan {
     pub(crate) concurrency: usize,
     pub(crate) fanout: Fanout,
     pub(crate) total_clients: u64,
+    /// This publisher sends messages `first, first + step, …` of the
+    /// schedule (two publishers can share one sequence space).
+    pub(crate) first: u64,
+    pub(crate) step: u64,
+    /// Messages at or beyond this number are not sent (lowered to stop a
+    /// run early); `None`: `messages`.
+    pub(crate) stop_at: Option<Arc<AtomicU64>>,
+    /// Event name for every message (`None`: the default `message`).
+    pub(crate) event: Option<String>,
+    /// Unicast message `k` goes to user `(k · mult) mod total_clients`
+    /// instead of `k mod total_clients`.
+    pub(crate) unicast_mult: Option<u64>,
+    /// Time zero of the schedule (`None`: when publishing starts).
+    pub(crate) start: Option<Instant>,
+}
+
+impl Default for PublishPlan {
+    fn default() -> Self {
+        PublishPlan {
+            via: Via::Http {
+                kind: Kind::Herald,
+                urls: Vec::new(),
+                path: "/publish".into(),
+                token: None,
+            },
+            messages: 0,
+            rate: 0.0,
+            concurrency: 1,
+            fanout: Fanout::Broadcast,
+            total_clients: 1,
+            first: 0,
+            step: 1,
+            stop_at: None,
+            event: None,
+            unicast_mult: None,
+            start: None,
+        }
+    }
+}
+
+impl PublishPlan {
+    /// The messages this publisher is responsible for.
+    fn own(&self) -> impl Iterator<Item = u64> {
+        (self.first..self.messages).step_by(self.step.max(1) as usize)
+    }
+
+    fn limit(&self) -> u64 {
+        self.stop_at.as_ref().map_or(self.messages, |s| {
+            s.load(Ordering::Relaxed).min(self.messages)
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,9 +149,14 @@ impl State {
 }
 
 pub(crate) fn channel_for(plan: &PublishPlan, k: u64) -> String {
-    match plan.fanout {
-        Fanout::Broadcast => "broadcast".to_string(),
-        Fanout::Unicast => format!("user:u{}", k % plan.total_clients.max(1)),
+    let n = plan.total_clients.max(1);
+    match (plan.fanout, plan.unicast_mult) {
+        (Fanout::Broadcast, _) => "broadcast".to_string(),
+        (Fanout::Unicast, None) => format!("user:u{}", k % n),
+        (Fanout::Unicast, Some(m)) => format!(
+            "user:u{}",
+            (u128::from(k) * u128::from(m) % u128::from(n)) as u64
+        ),
     }
 }
 
@@ -105,7 +165,7 @@ pub(crate) async fn run(plan: Arc<PublishPlan>, sent: SentCounter) -> anyhow::Re
         outcomes: Mutex::new(vec![Outcome::Pending; plan.messages as usize]),
         rtt: Mutex::new(new_histogram()),
         first_error: Mutex::new(None),
-        next: AtomicU64::new(0),
+        next: AtomicU64::new(plan.first),
     });
     let redis = match &plan.via {
         Via::Redis { url, .. } => {
@@ -123,9 +183,9 @@ pub(crate) async fn run(plan: Arc<PublishPlan>, sent: SentCounter) -> anyhow::Re
                 .context("loading the publish script")?;
             Some((conn, Arc::new(script)))
         }
-        Via::Http { .. } => None,
+        Via::Http { .. } | Via::Library(_) => None,
     };
-    let started = Instant::now();
+    let started = plan.start.unwrap_or_else(Instant::now);
     let mut tasks = Vec::new();
     for worker in 0..plan.concurrency.max(1) {
         let plan = plan.clone();
@@ -136,6 +196,9 @@ pub(crate) async fn run(plan: Arc<PublishPlan>, sent: SentCounter) -> anyhow::Re
             match redis {
                 Some((conn, script)) => {
                     redis_sender(&plan, &state, &sent, started, conn, &script).await
+                }
+                None if matches!(plan.via, Via::Library(_)) => {
+                    library_sender(&plan, &state, &sent, started).await
                 }
                 None => http_sender(&plan, &state, &sent, started, worker).await,
             }
@@ -151,16 +214,20 @@ pub(crate) async fn run(plan: Arc<PublishPlan>, sent: SentCounter) -> anyhow::Re
         .map_err(|_| anyhow::anyhow!("poisoned"))?;
     let mut excluded = Vec::new();
     let (mut confirmed, mut failed, mut uncertain) = (0, 0, 0);
-    for (k, o) in outcomes.iter().enumerate() {
+    let limit = plan.limit();
+    let mut attempted = 0;
+    for k in plan.own().take_while(|&k| k < limit) {
+        attempted += 1;
+        let o = &outcomes[k as usize];
         match o {
             Outcome::Confirmed => confirmed += 1,
             Outcome::Failed | Outcome::Pending => {
                 failed += 1;
-                excluded.push(k as u64);
+                excluded.push(k);
             }
             Outcome::Uncertain => {
                 uncertain += 1;
-                excluded.push(k as u64);
+                excluded.push(k);
             }
         }
     }
@@ -171,7 +238,7 @@ pub(crate) async fn run(plan: Arc<PublishPlan>, sent: SentCounter) -> anyhow::Re
         .clone();
     let first_error = state.first_error.lock().ok().and_then(|e| e.clone());
     Ok(Published {
-        attempted: plan.messages,
+        attempted,
         confirmed,
         excluded,
         failed,
@@ -185,13 +252,17 @@ pub(crate) async fn run(plan: Arc<PublishPlan>, sent: SentCounter) -> anyhow::Re
 
 /// Takes the next message number and waits for its slot in the schedule.
 async fn next_message(plan: &PublishPlan, state: &State, started: Instant) -> Option<u64> {
-    let k = state.next.fetch_add(1, Ordering::Relaxed);
-    if k >= plan.messages {
+    let k = state.next.fetch_add(plan.step.max(1), Ordering::Relaxed);
+    if k >= plan.limit() {
         return None;
     }
     if plan.rate > 0.0 {
         let at = started + Duration::from_secs_f64(k as f64 / plan.rate);
         tokio::time::sleep_until(at.into()).await;
+        // The run may have been cut short while we waited.
+        if k >= plan.limit() {
+            return None;
+        }
     }
     Some(k)
 }
@@ -252,6 +323,44 @@ async fn redis_sender(
     }
 }
 
+async fn library_sender(plan: &PublishPlan, state: &State, sent: &SentCounter, started: Instant) {
+    let Via::Library(publisher) = &plan.via else {
+        return;
+    };
+    while let Some(k) = next_message(plan, state, started).await {
+        let data = match RawValue::from_string(payload(k)) {
+            Ok(d) => d,
+            Err(e) => {
+                state.set(k, Outcome::Failed);
+                state.error(format!("payload: {e}"));
+                continue;
+            }
+        };
+        let message = herald::Message {
+            channel: channel_for(plan, k),
+            event: plan.event.clone(),
+            data,
+        };
+        let t = Instant::now();
+        let result = publisher.publish(message).await;
+        sent.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(_) => {
+                state.set(k, Outcome::Confirmed);
+                if let Ok(mut h) = state.rtt.lock() {
+                    let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+                }
+            }
+            Err(e) => {
+                // A broker error may come after the script ran (a lost
+                // reply): not certain either way.
+                state.set(k, Outcome::Uncertain);
+                state.error(format!("redis: {e}"));
+            }
+        }
+    }
+}
+
 async fn http_sender(
     plan: &PublishPlan,
     state: &State,
@@ -277,7 +386,13 @@ async fn http_sender(
         let (req_path, body) = match kind {
             Kind::Herald => (
                 path.clone(),
-                format!("{{\"channel\":\"{channel}\",\"data\":{}}}", payload(k)),
+                match &plan.event {
+                    Some(e) => format!(
+                        "{{\"channel\":\"{channel}\",\"event\":\"{e}\",\"data\":{}}}",
+                        payload(k)
+                    ),
+                    None => format!("{{\"channel\":\"{channel}\",\"data\":{}}}", payload(k)),
+                },
             ),
             Kind::Nchan => (path.replace("{channel}", &channel), payload(k)),
         };

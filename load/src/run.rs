@@ -74,25 +74,25 @@ pub(crate) fn main(scenario: Scenario, args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// Messages from the workers' stdout readers.
-enum Event {
+pub(crate) enum Event {
     Msg(usize, FromWorker),
     /// A worker's stdout closed.
     Gone(usize),
 }
 
 /// The worker processes and what they last said.
-struct Fleet {
-    children: Vec<Child>,
-    stdins: Vec<ChildStdin>,
-    pids: Vec<u32>,
-    progress: Vec<Progress>,
-    ramp_done: Vec<bool>,
-    results: Vec<Option<WorkerResult>>,
-    rx: mpsc::UnboundedReceiver<Event>,
+pub(crate) struct Fleet {
+    pub(crate) children: Vec<Child>,
+    pub(crate) stdins: Vec<ChildStdin>,
+    pub(crate) pids: Vec<u32>,
+    pub(crate) progress: Vec<Progress>,
+    pub(crate) ramp_done: Vec<bool>,
+    pub(crate) results: Vec<Option<WorkerResult>>,
+    pub(crate) rx: mpsc::UnboundedReceiver<Event>,
 }
 
 impl Fleet {
-    fn totals(&self) -> Progress {
+    pub(crate) fn totals(&self) -> Progress {
         let mut t = Progress::default();
         for p in &self.progress {
             t.connected += p.connected;
@@ -106,7 +106,7 @@ impl Fleet {
         t
     }
 
-    async fn send(&mut self, cmd: &ToWorker) -> anyhow::Result<()> {
+    pub(crate) async fn send(&mut self, cmd: &ToWorker) -> anyhow::Result<()> {
         let mut line = serde_json::to_vec(cmd)?;
         line.push(b'\n');
         for (i, stdin) in self.stdins.iter_mut().enumerate() {
@@ -121,7 +121,7 @@ impl Fleet {
 
     /// Handles worker messages until `deadline` or until `done` holds.
     /// Returns whether `done` held.
-    async fn pump(
+    pub(crate) async fn pump(
         &mut self,
         deadline: Instant,
         ui: &mut Ui,
@@ -154,7 +154,7 @@ impl Fleet {
 }
 
 /// The progress bar (a TTY) or an occasional plain line (a log).
-struct Ui {
+pub(crate) struct Ui {
     bar: Option<ProgressBar>,
     plain: bool,
     last_plain: Instant,
@@ -168,7 +168,7 @@ struct Ui {
 }
 
 impl Ui {
-    fn new(quiet: bool, connections: u64, messages: u64, sent: Arc<AtomicU64>) -> Ui {
+    pub(crate) fn new(quiet: bool, connections: u64, messages: u64, sent: Arc<AtomicU64>) -> Ui {
         let tty = std::io::stderr().is_terminal();
         let bar = (tty && !quiet).then(|| {
             let bar = ProgressBar::with_draw_target(
@@ -197,7 +197,7 @@ impl Ui {
         }
     }
 
-    fn phase(&mut self, phase: &'static str) {
+    pub(crate) fn phase(&mut self, phase: &'static str) {
         self.phase = phase;
         if let Some(bar) = &self.bar {
             match phase {
@@ -245,7 +245,7 @@ impl Ui {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
@@ -421,35 +421,13 @@ async fn run(scenario: Scenario, args: &RunArgs) -> anyhow::Result<(Report, Hist
             connect_timeout_ms: args.connect_timeout.as_millis() as u64,
             epoch_us,
             report_ms: 200,
+            mixed: None,
+            random_reconnect: false,
+            active_targets: 0,
         };
         first += clients;
-        let mut child = tokio::process::Command::new(&exe)
-            .arg("worker")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting a worker process")?;
-        let mut stdin = child.stdin.take().context("worker stdin")?;
-        let stdout = child.stdout.take().context("worker stdout")?;
-        let mut line = serde_json::to_vec(&plan)?;
-        line.push(b'\n');
-        stdin.write_all(&line).await?;
+        let (child, stdin) = spawn_worker(&exe, &plan, &tx).await?;
         fleet.pids.push(child.id().unwrap_or(0));
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                match serde_json::from_str::<FromWorker>(&line) {
-                    Ok(msg) => {
-                        let _ = tx.send(Event::Msg(index, msg));
-                    }
-                    Err(e) => eprintln!("herald-load: worker {index} said {line:?}: {e}"),
-                }
-            }
-            let _ = tx.send(Event::Gone(index));
-        });
         fleet.children.push(child);
         fleet.stdins.push(stdin);
     }
@@ -512,6 +490,7 @@ async fn run(scenario: Scenario, args: &RunArgs) -> anyhow::Result<(Report, Hist
             concurrency: args.publish_concurrency,
             fanout,
             total_clients: args.connections,
+            ..PublishPlan::default()
         });
         let publisher = tokio::spawn(publish::run(plan.clone(), sent.clone()));
         let publish_span = if args.rate > 0.0 {
@@ -625,6 +604,8 @@ async fn run(scenario: Scenario, args: &RunArgs) -> anyhow::Result<(Report, Hist
         .send(&ToWorker::Finish {
             published: count,
             excluded,
+            broadcast_published: 0,
+            broadcast_excluded: Vec::new(),
         })
         .await?;
     fleet
@@ -816,8 +797,46 @@ async fn run(scenario: Scenario, args: &RunArgs) -> anyhow::Result<(Report, Hist
     Ok((report, latency))
 }
 
-/// Signals a server process the user named with --kill-pid.
-fn send_signal(pid: u32, signal: Signal) -> anyhow::Result<()> {
+/// Starts one worker process (ourselves, re-executed) with its plan, and a
+/// task that forwards what it says to `tx`.
+pub(crate) async fn spawn_worker(
+    exe: &std::path::Path,
+    plan: &WorkerPlan,
+    tx: &mpsc::UnboundedSender<Event>,
+) -> anyhow::Result<(Child, ChildStdin)> {
+    let index = plan.index;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("worker")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting a worker process")?;
+    let mut stdin = child.stdin.take().context("worker stdin")?;
+    let stdout = child.stdout.take().context("worker stdout")?;
+    let mut line = serde_json::to_vec(plan)?;
+    line.push(b'\n');
+    stdin.write_all(&line).await?;
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            match serde_json::from_str::<FromWorker>(&line) {
+                Ok(msg) => {
+                    let _ = tx.send(Event::Msg(index, msg));
+                }
+                Err(e) => eprintln!("herald-load: worker {index} said {line:?}: {e}"),
+            }
+        }
+        let _ = tx.send(Event::Gone(index));
+    });
+    Ok((child, stdin))
+}
+
+/// Signals a server process the user named with --kill-pid (or one the
+/// `scale` scenario started).
+pub(crate) fn send_signal(pid: u32, signal: Signal) -> anyhow::Result<()> {
     let name = match signal {
         Signal::Kill => "KILL",
         Signal::Term => "TERM",
@@ -833,7 +852,7 @@ fn send_signal(pid: u32, signal: Signal) -> anyhow::Result<()> {
 }
 
 /// The command line as typed, quoted for a shell (secrets masked).
-fn command_line() -> String {
+pub(crate) fn command_line() -> String {
     let mut out = Vec::new();
     let mut mask_next = false;
     for arg in std::env::args() {

@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, Notify};
 use crate::account::{SeqTracker, Tally};
 use crate::net::{connect, mint_token, unix_now_us};
 use crate::proto::{
-    new_histogram, Counters, Fanout, FromWorker, Hist, Progress, ToWorker, WorkerPlan, WorkerResult,
+    new_histogram, Counters, Fanout, FromWorker, Hist, PhaseLatency, Progress, ToWorker,
+    WorkerPlan, WorkerResult,
 };
 use crate::wire::{parse_head, parse_payload, BodyDecoder, SseItem, SseParser};
 
@@ -65,6 +66,8 @@ struct Slot {
     ever_ready: bool,
     /// Forces a reconnect (churn).
     kick: Option<Rc<Notify>>,
+    /// Mixed traffic: the broadcasts (`tracker` holds the unicasts).
+    broadcast: Option<SeqTracker>,
 }
 
 /// The worker's state, shared by its client tasks on one thread.
@@ -85,6 +88,13 @@ struct Shared {
     progress: Progress,
     counters: Counters,
     errors: BTreeMap<String, u64>,
+    /// Mixed traffic: the phase live latency counts towards, and its
+    /// histograms (unicast, broadcast) per phase.
+    phase: usize,
+    phase_latency: Vec<(Histogram<u64>, Histogram<u64>)>,
+    unicast_samples: Vec<(u64, u64)>,
+    /// Targets that take connections (the first this many).
+    active_targets: usize,
 }
 
 impl Shared {
@@ -123,12 +133,20 @@ async fn worker_main(plan: WorkerPlan) -> anyhow::Result<()> {
     let slots = (0..plan.clients)
         .map(|i| {
             let global = plan.first_client + i;
-            let (stride, offset) = match plan.fanout {
-                Fanout::Broadcast => (1, 0),
-                Fanout::Unicast => (plan.total_clients, global),
+            let (stride, offset) = match (&plan.mixed, plan.fanout) {
+                (Some(m), _) => (
+                    plan.total_clients,
+                    mul_mod(global, m.unicast_mult_inv, plan.total_clients),
+                ),
+                (None, Fanout::Broadcast) => (1, 0),
+                (None, Fanout::Unicast) => (plan.total_clients, global),
             };
             Slot {
                 tracker: SeqTracker::new(stride, offset, plan.messages),
+                broadcast: plan
+                    .mixed
+                    .as_ref()
+                    .map(|m| SeqTracker::new(1, 0, m.broadcasts)),
                 ready: false,
                 accounted: false,
                 tried: false,
@@ -153,6 +171,15 @@ async fn worker_main(plan: WorkerPlan) -> anyhow::Result<()> {
         progress: Progress::default(),
         counters: Counters::default(),
         errors: BTreeMap::new(),
+        phase: 0,
+        phase_latency: (0..plan.mixed.as_ref().map_or(0, |m| m.phases))
+            .map(|_| (new_histogram(), new_histogram()))
+            .collect(),
+        unicast_samples: Vec::new(),
+        active_targets: match plan.active_targets {
+            0 => plan.targets.len(),
+            n => n.min(plan.targets.len()),
+        },
     }));
 
     // Commands from the coordinator.
@@ -222,12 +249,20 @@ async fn worker_main(plan: WorkerPlan) -> anyhow::Result<()> {
                         churn_timer = Some(tokio::time::interval(every));
                     }
                 }
-                Some(ToWorker::Finish { published, excluded }) => {
-                    let result = finish(&shared.borrow(), published, &excluded);
+                Some(ToWorker::Finish { published, excluded, broadcast_published, broadcast_excluded }) => {
+                    let result = finish(
+                        &shared.borrow(),
+                        (published, &excluded),
+                        (broadcast_published, &broadcast_excluded),
+                    );
                     send(&FromWorker::Result(Box::new(result)))?;
                     std::io::stdout().flush()?;
                     // Connections close with the process.
                     std::process::exit(0);
+                }
+                Some(ToWorker::Phase { index }) => shared.borrow_mut().phase = index,
+                Some(ToWorker::Targets { active }) => {
+                    shared.borrow_mut().active_targets = active.clamp(1, plan.targets.len());
                 }
                 None => return Ok(()),
             }
@@ -262,12 +297,16 @@ fn kick_one(shared: &SharedRef, rng: &mut XorShift) {
     }
 }
 
-fn finish(s: &Shared, published: u64, excluded: &[u64]) -> WorkerResult {
+fn finish(s: &Shared, unicast: (u64, &[u64]), broadcast: (u64, &[u64])) -> WorkerResult {
     let mut tally = Tally::default();
+    let mut broadcast_tally = s.plan.mixed.as_ref().map(|_| Tally::default());
     let mut counters = s.counters.clone();
     for slot in &s.slots {
         if slot.accounted {
-            tally.add(&slot.tracker.tally(published, excluded));
+            tally.add(&slot.tracker.tally(unicast.0, unicast.1));
+            if let (Some(t), Some(b)) = (broadcast_tally.as_mut(), &slot.broadcast) {
+                t.add(&b.tally(broadcast.0, broadcast.1));
+            }
         } else if slot.ever_ready {
             counters.late_clients += 1;
         } else {
@@ -286,7 +325,22 @@ fn finish(s: &Shared, published: u64, excluded: &[u64]) -> WorkerResult {
         per_second: s.per_second.clone(),
         first_delivery_us: s.first_delivery_us,
         last_delivery_us: s.last_delivery_us,
+        broadcast_tally,
+        phases: s
+            .phase_latency
+            .iter()
+            .map(|(u, b)| PhaseLatency {
+                unicast: Hist::from_histogram(u),
+                broadcast: Hist::from_histogram(b),
+            })
+            .collect(),
+        unicast_samples: s.unicast_samples.clone(),
     }
+}
+
+/// `a · b mod m` without overflow.
+fn mul_mod(a: u64, b: u64, m: u64) -> u64 {
+    (u128::from(a) * u128::from(b) % u128::from(m.max(1))) as u64
 }
 
 /// Why a stream ended.
@@ -313,7 +367,8 @@ async fn client(slot: usize, shared: SharedRef) {
     } else {
         Some(plan.source_addrs[global as usize % plan.source_addrs.len()])
     };
-    let mut target = global as usize % plan.targets.len();
+    let mut target = global as usize % shared.borrow().active_targets;
+    let mut rng = XorShift::new(global.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ plan.epoch_us);
     let mut parser = SseParser::new();
     let mut buf = vec![0u8; READ_BUF];
     let mut retry = Duration::from_millis(plan.retry_ms.unwrap_or(2000));
@@ -379,7 +434,12 @@ async fn client(slot: usize, shared: SharedRef) {
         }
         // Another server next time (a dead node's clients spread over the
         // others); back off on repeated failures, with jitter.
-        target = (target + 1) % plan.targets.len();
+        let active = shared.borrow().active_targets;
+        target = if plan.random_reconnect {
+            (rng.next() % active as u64) as usize
+        } else {
+            (target + 1) % active
+        };
         let base = if failures == 0 {
             retry
         } else {
@@ -590,6 +650,15 @@ impl StreamCtx<'_> {
                     b"herald.reset" => Ev::Reset,
                     b"herald.expired" => Ev::Expired,
                     _ => match parse_payload(data) {
+                        Some((seq, sent_us))
+                            if self
+                                .plan
+                                .mixed
+                                .as_ref()
+                                .is_some_and(|m| m.broadcast_event.as_bytes() == event) =>
+                        {
+                            Ev::Broadcast { seq, sent_us }
+                        }
                         Some((seq, sent_us)) => Ev::Message { seq, sent_us },
                         None => Ev::Foreign,
                     },
@@ -610,21 +679,36 @@ impl StreamCtx<'_> {
             Ev::Reset => self.shared.borrow_mut().counters.resets += 1,
             Ev::Expired => self.shared.borrow_mut().counters.expired += 1,
             Ev::Foreign => self.shared.borrow_mut().counters.foreign_events += 1,
-            Ev::Message { seq, sent_us } => {
+            Ev::Message { seq, sent_us } | Ev::Broadcast { seq, sent_us } => {
+                let is_broadcast = matches!(ev, Ev::Broadcast { .. });
                 let mut s = self.shared.borrow_mut();
                 let s = &mut *s;
-                let before = s.slots[self.slot].tracker.delivered;
-                let dups_before = s.slots[self.slot].tracker.duplicates;
-                s.slots[self.slot].tracker.record(seq);
-                s.progress.delivered += s.slots[self.slot].tracker.delivered - before;
-                s.progress.duplicates += s.slots[self.slot].tracker.duplicates - dups_before;
-                let lat = now_us.saturating_sub(sent_us).max(1);
+                let slot = &mut s.slots[self.slot];
+                let tracker = match (is_broadcast, slot.broadcast.as_mut()) {
+                    (true, Some(b)) => b,
+                    _ => &mut slot.tracker,
+                };
+                let before = tracker.delivered;
+                let dups_before = tracker.duplicates;
+                tracker.record(seq);
+                s.progress.delivered += tracker.delivered - before;
+                s.progress.duplicates += tracker.duplicates - dups_before;
+                let lat = now_us.saturating_sub(sent_us).clamp(1, 3_600_000_000);
                 let hist = if *self.replaying {
                     &mut s.replay_latency
                 } else {
                     &mut s.latency
                 };
-                let _ = hist.record(lat.min(3_600_000_000));
+                let _ = hist.record(lat);
+                if !*self.replaying && s.started {
+                    let phase = s.phase;
+                    if let Some((u, b)) = s.phase_latency.get_mut(phase) {
+                        let _ = if is_broadcast { b } else { u }.record(lat);
+                        if !is_broadcast {
+                            s.unicast_samples.push((sent_us, lat));
+                        }
+                    }
+                }
                 if s.first_delivery_us == 0 {
                     s.first_delivery_us = now_us;
                 }
@@ -649,7 +733,15 @@ enum Ev {
     Reset,
     Expired,
     Foreign,
-    Message { seq: u64, sent_us: u64 },
+    Message {
+        seq: u64,
+        sent_us: u64,
+    },
+    /// Mixed traffic: a broadcast (its own sequence space).
+    Broadcast {
+        seq: u64,
+        sent_us: u64,
+    },
 }
 
 fn io_kind(e: &std::io::Error) -> String {
