@@ -48,7 +48,7 @@ fn with_default_command(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsSt
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node (the default).
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Mint a token with the configured key (for tests and demos).
     Token(TokenArgs),
     /// Publish one message through the same path as `POST /publish`.
@@ -147,6 +147,11 @@ pub struct ServeConfig {
     /// `retry:` hint sent to clients on connect.
     #[arg(long, env = "HERALD_RETRY", default_value = "2s", value_parser = parse_duration)]
     pub retry: Duration,
+    /// Close each event stream after this age (±10 %) with a jittered
+    /// `retry:`; the client resumes by cursor on whichever node the balancer
+    /// picks, so nodes added to a loaded cluster fill up. Off by default.
+    #[arg(long, env = "HERALD_MAX_CONNECTION_AGE", value_parser = parse_connection_age)]
+    pub max_connection_age: Option<Duration>,
     /// Per-connection pending events before it is cut as slow.
     #[arg(long, env = "HERALD_QUEUE_CAPACITY", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_capacity: u32,
@@ -274,6 +279,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
     };
     Duration::try_from_secs_f64(value * scale).map_err(|_| format!("`{text}` is out of range"))
+}
+
+/// `--max-connection-age`: a duration of at least 1 s; shorter would have
+/// clients spend more time reconnecting than connected.
+fn parse_connection_age(text: &str) -> Result<Duration, String> {
+    let age = parse_duration(text)?;
+    if age < Duration::from_secs(1) {
+        return Err(format!("`{text}` is too short (at least 1s)"));
+    }
+    Ok(age)
 }
 
 /// Parses `65536`, `64KiB`, `1MiB`, `64KB` (KB/MB are decimal).

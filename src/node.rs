@@ -105,6 +105,7 @@ impl Node {
                 queue_capacity: config.queue_capacity as usize,
                 max_payload: config.max_payload,
                 heartbeat: config.heartbeat,
+                max_connection_age: config.max_connection_age,
             },
         );
         let control = Control::new(hub.clone(), config.revocation_ttl);
