@@ -17,18 +17,12 @@ use crate::config::PublishArgs;
 pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let data: serde_json::Value = serde_json::from_str(&args.data)
         .unwrap_or_else(|_| serde_json::Value::String(args.data.clone()));
-    if let Some(url) = &args.redis_url {
-        let config = RedisConfig {
-            url: url.clone(),
-            prefix: args.channel_prefix.clone(),
-            history_size: args.history_size,
-            history_ttl: args.history_ttl,
-            probe_interval: Duration::from_secs(5),
-        };
-        let publisher = if args.redis_cluster {
-            crate::Publisher::redis_cluster(config, args.max_payload)?
+    let backbone = &args.backbone;
+    if let Some(config) = RedisConfig::from_flags(backbone, Duration::from_secs(5)) {
+        let publisher = if backbone.redis_cluster {
+            crate::Publisher::redis_cluster(config, backbone.max_payload)?
         } else {
-            crate::Publisher::redis(config, args.max_payload)?
+            crate::Publisher::redis(config, backbone.max_payload)?
         };
         let message = crate::Message::new(args.channel.clone(), args.event.as_deref(), &data);
         let id = publisher.publish(message).await?;

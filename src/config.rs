@@ -48,7 +48,7 @@ fn with_default_command(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsSt
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node (the default).
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Mint a token with the configured key (for tests and demos).
     Token(TokenArgs),
     /// Publish one message through the same path as `POST /publish`.
@@ -92,16 +92,9 @@ pub struct ServeConfig {
     /// Private listener: /metrics, /healthz, /readyz.
     #[arg(long, env = "HERALD_ADMIN_LISTEN", default_value = "127.0.0.1:9180")]
     pub admin_listen: SocketAddr,
-    /// Redis backbone (redis:// or rediss://); unset = embedded broker.
-    #[arg(long, env = "HERALD_REDIS_URL")]
-    pub redis_url: Option<String>,
-    /// `--redis-url` names a Redis Cluster (several seed URLs,
-    /// comma-separated, allowed): sharded pub/sub, calls routed by slot.
-    #[arg(long, env = "HERALD_REDIS_CLUSTER")]
-    pub redis_cluster: bool,
-    /// Namespace for Redis keys and channels.
-    #[arg(long, env = "HERALD_CHANNEL_PREFIX", default_value = "herald")]
-    pub channel_prefix: String,
+    /// Redis, history and message size: the same flags as `herald publish`.
+    #[command(flatten)]
+    pub backbone: BackboneArgs,
     /// How often the Redis pub/sub connection is probed; a probe not back
     /// within this interval marks the node unready and forces a reconnect.
     #[arg(long, env = "HERALD_REDIS_PROBE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
@@ -147,6 +140,11 @@ pub struct ServeConfig {
     /// `retry:` hint sent to clients on connect.
     #[arg(long, env = "HERALD_RETRY", default_value = "2s", value_parser = parse_duration)]
     pub retry: Duration,
+    /// Close each event stream after this age (±10 %) with a jittered
+    /// `retry:`; the client resumes by cursor on whichever node the balancer
+    /// picks, so nodes added to a loaded cluster fill up. Off by default.
+    #[arg(long, env = "HERALD_MAX_CONNECTION_AGE", value_parser = parse_connection_age)]
+    pub max_connection_age: Option<Duration>,
     /// Per-connection pending events before it is cut as slow.
     #[arg(long, env = "HERALD_QUEUE_CAPACITY", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_capacity: u32,
@@ -160,15 +158,6 @@ pub struct ServeConfig {
     /// Connections per user per node; beyond it new ones get 429.
     #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
     pub max_connections_per_user: usize,
-    /// Entries kept per channel for replay.
-    #[arg(long, env = "HERALD_HISTORY_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
-    pub history_size: u32,
-    /// Idle channel history expires after this.
-    #[arg(long, env = "HERALD_HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
-    pub history_ttl: Duration,
-    /// Largest accepted message (the envelope's `data`).
-    #[arg(long, env = "HERALD_MAX_PAYLOAD", default_value = "64KiB", value_parser = parse_size)]
-    pub max_payload: usize,
     /// Graceful shutdown budget.
     #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -182,6 +171,32 @@ pub struct ServeConfig {
     /// work.
     #[arg(long, env = "HERALD_WORKERS", default_value_t = 0)]
     pub workers: usize,
+}
+
+/// Where messages and their history live, read the same way by `serve`
+/// and `publish` (one definition, one validation).
+#[derive(Debug, Clone, Args)]
+pub struct BackboneArgs {
+    /// Redis backbone (redis:// or rediss://). `serve`: unset runs the
+    /// embedded broker; `publish`: set publishes straight into Redis.
+    #[arg(long, env = "HERALD_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// `--redis-url` names a Redis Cluster (several seed URLs,
+    /// comma-separated, allowed): sharded pub/sub, calls routed by slot.
+    #[arg(long, env = "HERALD_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+    /// Namespace for Redis keys and channels.
+    #[arg(long, env = "HERALD_CHANNEL_PREFIX", default_value = "herald")]
+    pub channel_prefix: String,
+    /// Entries kept per channel for replay.
+    #[arg(long, env = "HERALD_HISTORY_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub history_size: u32,
+    /// Idle channel history expires after this.
+    #[arg(long, env = "HERALD_HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+    /// Largest accepted message (the envelope's `data`).
+    #[arg(long, env = "HERALD_MAX_PAYLOAD", default_value = "64KiB", value_parser = parse_size)]
+    pub max_payload: usize,
 }
 
 /// `herald token`.
@@ -219,25 +234,10 @@ pub struct PublishArgs {
     /// Node to publish through (ignored with --redis-url).
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// Publish straight to Redis with the publish script instead of over HTTP.
-    #[arg(long, env = "HERALD_REDIS_URL")]
-    pub redis_url: Option<String>,
-    /// `--redis-url` names a Redis Cluster (seed URLs, comma-separated):
-    /// the publish script runs on the channel's shard and uses `SPUBLISH`.
-    #[arg(long, env = "HERALD_REDIS_CLUSTER")]
-    pub redis_cluster: bool,
-    /// Namespace for Redis keys and channels (with --redis-url).
-    #[arg(long, env = "HERALD_CHANNEL_PREFIX", default_value = "herald")]
-    pub channel_prefix: String,
-    /// History entries kept per channel (with --redis-url).
-    #[arg(long, env = "HERALD_HISTORY_SIZE", default_value_t = 1000)]
-    pub history_size: u32,
-    /// History TTL (with --redis-url).
-    #[arg(long, env = "HERALD_HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
-    pub history_ttl: Duration,
-    /// Largest accepted message (with --redis-url; a node checks it itself).
-    #[arg(long, env = "HERALD_MAX_PAYLOAD", default_value = "64KiB", value_parser = parse_size)]
-    pub max_payload: usize,
+    /// Redis, history and message size: with `--redis-url`, the message
+    /// goes straight into Redis with the publish script, as a node's would.
+    #[command(flatten)]
+    pub backbone: BackboneArgs,
     /// A ready-made publisher token instead of minting one from --jwt-secret.
     #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -274,6 +274,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
     };
     Duration::try_from_secs_f64(value * scale).map_err(|_| format!("`{text}` is out of range"))
+}
+
+/// `--max-connection-age`: a duration of at least 1 s; shorter would have
+/// clients spend more time reconnecting than connected.
+fn parse_connection_age(text: &str) -> Result<Duration, String> {
+    let age = parse_duration(text)?;
+    if age < Duration::from_secs(1) {
+        return Err(format!("`{text}` is too short (at least 1s)"));
+    }
+    Ok(age)
 }
 
 /// Parses `65536`, `64KiB`, `1MiB`, `64KB` (KB/MB are decimal).
@@ -337,9 +347,39 @@ mod tests {
             panic!("expected serve")
         };
         assert_eq!(serve.heartbeat, Duration::from_secs(1));
-        assert_eq!(serve.max_payload, 65_536);
+        assert_eq!(serve.backbone.max_payload, 65_536);
         let args = ["herald", "token", "--sub", "a"].map(Into::into).to_vec();
         let cli = Cli::try_parse_from(with_default_command(args)).expect("parses");
         assert!(matches!(cli.command, Command::Token(_)));
+    }
+
+    #[test]
+    fn serve_and_publish_read_the_backbone_flags_alike() {
+        let parse = |command: &str, history_size: &str| {
+            let mut args = vec![command, "--redis-url", "redis://127.0.0.1:1"];
+            args.extend(["--history-size", history_size, "--history-ttl", "1h"]);
+            args.extend(["--max-payload", "1KiB", "--channel-prefix", "p"]);
+            if command == "publish" {
+                args.extend(["--channel", "broadcast", "data"]);
+            }
+            let args = std::iter::once("herald").chain(args).map(Into::into);
+            Cli::try_parse_from(with_default_command(args.collect()))
+        };
+        let backbone = |cli: Cli| match cli.command {
+            Command::Serve(serve) => serve.backbone,
+            Command::Publish(publish) => publish.backbone,
+            Command::Token(_) => panic!("not a backbone command"),
+        };
+        let serve = backbone(parse("serve", "7").expect("serve parses"));
+        let publish = backbone(parse("publish", "7").expect("publish parses"));
+        assert_eq!(format!("{serve:?}"), format!("{publish:?}"));
+        assert_eq!(serve.history_size, 7);
+        assert_eq!(serve.max_payload, 1024);
+        for command in ["serve", "publish"] {
+            assert!(
+                parse(command, "0").is_err(),
+                "{command} accepted --history-size 0"
+            );
+        }
     }
 }

@@ -58,6 +58,8 @@ pub struct HubConfig {
     pub max_payload: usize,
     /// Idle time before a heartbeat comment.
     pub heartbeat: Duration,
+    /// `--max-connection-age`: each connection is retired after this, ±10 %.
+    pub max_connection_age: Option<Duration>,
 }
 
 /// Cheap clonable handle to the node's fanout.
@@ -143,7 +145,14 @@ impl Hub {
         expires_at_ms: u64,
     ) -> Result<Subscription, LimitError> {
         let config = &self.shared.config;
-        let mailbox = Arc::new(Mailbox::new(config.queue_capacity, expires_at_ms));
+        let retire_at_ms = config.max_connection_age.map_or(u64::MAX, |age| {
+            crate::envelope::now_ms() + jittered_age(age)
+        });
+        let mailbox = Arc::new(Mailbox::new(
+            config.queue_capacity,
+            expires_at_ms,
+            retire_at_ms,
+        ));
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let mut live = Vec::with_capacity(channels.len());
         let user: Arc<str> = {
@@ -516,5 +525,34 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.hub.disconnect(self.id, &self.user, &self.channels);
+    }
+}
+
+/// A connection's maximum age in ms, spread ±10 % so that connections
+/// opened together (a ramp, a node's clients coming back) do not all
+/// reconnect together.
+fn jittered_age(age: Duration) -> u64 {
+    let ms = age.as_millis().min(u128::from(u64::MAX / 2)) as u64;
+    let spread = ms / 10;
+    rand::random_range(ms - spread..=ms + spread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_spread_over_ten_percent_either_side() {
+        let ages: Vec<u64> = (0..2_000)
+            .map(|_| jittered_age(Duration::from_secs(60)))
+            .collect();
+        assert!(ages.iter().all(|&ms| (54_000..=66_000).contains(&ms)));
+        let low = ages.iter().filter(|&&ms| ms < 57_000).count();
+        let high = ages.iter().filter(|&&ms| ms > 63_000).count();
+        assert!(
+            low > 200 && high > 200,
+            "spread, not clustered: {low} {high}"
+        );
+        assert_eq!(jittered_age(Duration::ZERO), 0);
     }
 }

@@ -1,6 +1,6 @@
 //! A connection's bounded queue of frames, and every other reason its task
-//! has to wake: a heartbeat is due, its token expired, the node drains, or
-//! the hub cut it.
+//! has to wake: a heartbeat is due, its token expired, it reached its
+//! maximum age, the node drains, or the hub cut it.
 //!
 //! One mailbox per connection replaces a channel, two cancellation tokens
 //! and two timers. A connection task then waits on exactly one thing, and
@@ -30,6 +30,7 @@ const SHUTDOWN: u8 = 4;
 const EXPIRED: u8 = 8;
 const HEARTBEAT: u8 = 16;
 const DISCONNECTED: u8 = 32;
+const AGED: u8 = 64;
 
 /// What woke a connection.
 #[derive(Debug)]
@@ -42,6 +43,8 @@ pub enum Wake {
     Expired,
     /// The node is draining.
     Shutdown,
+    /// The connection reached `--max-connection-age`.
+    Aged,
     /// The hub cut the connection (slow, or its channel lost history).
     Killed,
     /// The server API disconnected the user; its last frame is written.
@@ -65,12 +68,15 @@ pub struct Mailbox {
     last_write_ms: AtomicU64,
     /// When the token expires (ms since the epoch).
     expires_at_ms: u64,
+    /// When the connection reaches its maximum age (ms since the epoch;
+    /// `u64::MAX` for never).
+    retire_at_ms: u64,
 }
 
 impl Mailbox {
     /// A mailbox holding at most `capacity` frames, for a token expiring at
-    /// `expires_at_ms`.
-    pub fn new(capacity: usize, expires_at_ms: u64) -> Self {
+    /// `expires_at_ms` and a connection retired at `retire_at_ms`.
+    pub fn new(capacity: usize, expires_at_ms: u64, retire_at_ms: u64) -> Self {
         Mailbox {
             queue: Mutex::new(VecDeque::new()),
             reader: AtomicWaker::new(),
@@ -79,6 +85,7 @@ impl Mailbox {
             capacity: capacity.max(1),
             last_write_ms: AtomicU64::new(now_ms()),
             expires_at_ms,
+            retire_at_ms,
         }
     }
 
@@ -137,6 +144,9 @@ impl Mailbox {
         if flags & EXPIRED != 0 {
             return Some(Wake::Expired);
         }
+        if flags & AGED != 0 {
+            return Some(Wake::Aged);
+        }
         if flags & HEARTBEAT != 0 {
             self.flags.fetch_and(!HEARTBEAT, Ordering::AcqRel);
             return Some(Wake::Heartbeat);
@@ -184,11 +194,16 @@ impl Mailbox {
     }
 
     /// For the sweep: raises the heartbeat flag if idle for `heartbeat_ms`,
-    /// and the expiry flag once the token expired.
+    /// the expiry flag once the token expired, and the age flag once the
+    /// connection is old enough.
     pub fn sweep(&self, now_ms: u64, heartbeat_ms: u64) {
         if now_ms >= self.expires_at_ms {
             if self.flags.load(Ordering::Relaxed) & EXPIRED == 0 {
                 self.raise(EXPIRED);
+            }
+        } else if now_ms >= self.retire_at_ms {
+            if self.flags.load(Ordering::Relaxed) & AGED == 0 {
+                self.raise(AGED);
             }
         } else if now_ms.saturating_sub(self.last_write_ms.load(Ordering::Relaxed)) >= heartbeat_ms
         {
@@ -265,7 +280,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_fifo_that_wakes_its_reader() {
-        let mailbox = Arc::new(Mailbox::new(2, u64::MAX));
+        let mailbox = Arc::new(Mailbox::new(2, u64::MAX, u64::MAX));
         let reader = {
             let mailbox = mailbox.clone();
             tokio::spawn(async move { body(mailbox.next().await) })
@@ -283,7 +298,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_drain_before_shutdown_but_a_kill_is_immediate() {
-        let mailbox = Mailbox::new(4, u64::MAX);
+        let mailbox = Mailbox::new(4, u64::MAX, u64::MAX);
         mailbox.push(frame(1));
         mailbox.shut_down();
         assert!(matches!(mailbox.next().await, Wake::Frame(_)));
@@ -297,7 +312,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_sweep_raises_heartbeats_and_expiry() {
-        let mailbox = Mailbox::new(4, now_ms() + 60_000);
+        let mailbox = Mailbox::new(4, now_ms() + 60_000, u64::MAX);
         mailbox.sweep(now_ms(), 60_000);
         assert!(mailbox.check().is_none(), "not idle yet");
         mailbox.sweep(now_ms() + 1_000, 500);
@@ -305,5 +320,19 @@ mod tests {
         assert!(mailbox.check().is_none(), "one heartbeat per idle period");
         mailbox.sweep(now_ms() + 61_000, 500);
         assert!(matches!(mailbox.next().await, Wake::Expired));
+    }
+
+    #[tokio::test]
+    async fn the_sweep_retires_an_old_connection_after_its_frames() {
+        let now = now_ms();
+        let mailbox = Mailbox::new(4, now + 60_000, now + 10_000);
+        mailbox.sweep(now + 9_000, 60_000);
+        assert!(mailbox.check().is_none(), "not old yet");
+        mailbox.push(frame(1));
+        mailbox.sweep(now + 10_000, 60_000);
+        assert!(matches!(mailbox.next().await, Wake::Frame(_)));
+        assert!(matches!(mailbox.next().await, Wake::Aged));
+        mailbox.sweep(now + 61_000, 60_000);
+        assert!(matches!(mailbox.next().await, Wake::Expired), "expiry wins");
     }
 }

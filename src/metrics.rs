@@ -22,6 +22,8 @@ pub enum CloseReason {
     Expired,
     /// The node is draining.
     Shutdown,
+    /// It reached `--max-connection-age`.
+    MaxAge,
     /// The node failed it.
     Error,
     /// `POST /disconnect` closed it.
@@ -29,12 +31,24 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// Every reason, in declaration order (the index of its counter).
+    const ALL: [CloseReason; 7] = [
+        CloseReason::Client,
+        CloseReason::Slow,
+        CloseReason::Expired,
+        CloseReason::Shutdown,
+        CloseReason::MaxAge,
+        CloseReason::Error,
+        CloseReason::Disconnected,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             CloseReason::Client => "client",
             CloseReason::Slow => "slow",
             CloseReason::Expired => "expired",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::MaxAge => "max_age",
             CloseReason::Error => "error",
             CloseReason::Disconnected => "disconnected",
         }
@@ -58,7 +72,7 @@ pub struct Metrics {
     pub connections: Gauge,
     /// `herald_connections_opened_total`.
     pub opened: Counter,
-    closed: [Counter; 6],
+    closed: [Counter; CloseReason::ALL.len()],
     rejected: [Counter; 3],
     /// `herald_messages_published_total`.
     pub published: Counter,
@@ -157,7 +171,7 @@ fn describe() {
     );
     describe_counter!(
         "herald_connections_closed_total",
-        "SSE connections closed, by reason (client, slow, expired, shutdown, error)."
+        "SSE connections closed, by reason (client, slow, expired, shutdown, max_age, error, disconnected)."
     );
     describe_counter!(
         "herald_connections_rejected_total",
@@ -218,8 +232,7 @@ fn describe() {
 /// The metric handles; call [`install`] first or they record nowhere.
 pub fn get() -> &'static Metrics {
     METRICS.get_or_init(|| {
-        use CloseReason::*;
-        let closed = [Client, Slow, Expired, Shutdown, Error, Disconnected]
+        let closed = CloseReason::ALL
             .map(|r| counter!("herald_connections_closed_total", "reason" => r.label()));
         let rejected = ["auth", "forbidden", "limit"]
             .map(|r| counter!("herald_connections_rejected_total", "reason" => r));
@@ -286,4 +299,16 @@ pub fn get() -> &'static Metrics {
         m.subscribed_channels.set(0.0);
         m
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CloseReason;
+
+    #[test]
+    fn each_close_reason_indexes_its_own_counter() {
+        for (i, reason) in CloseReason::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, i, "{reason:?} is out of order in ALL");
+        }
+    }
 }

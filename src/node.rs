@@ -73,38 +73,31 @@ impl Node {
 
         let node_id = format!("{:08x}", rand::random::<u32>());
         let (deliveries, incoming) = mpsc::unbounded_channel();
-        let broker: Arc<dyn Broker> = match &config.redis_url {
-            Some(url) => {
-                let redis = RedisConfig {
-                    url: url.clone(),
-                    prefix: config.channel_prefix.clone(),
-                    history_size: config.history_size,
-                    history_ttl: config.history_ttl,
-                    probe_interval: config.redis_probe_interval,
-                };
-                Arc::new(
-                    if config.redis_cluster {
-                        crate::broker::cluster::start(redis, &node_id, deliveries)
-                    } else {
-                        RedisBroker::start(redis, &node_id, deliveries)
-                    }
-                    .context("--redis-url")?,
-                )
-            }
-            None => Arc::new(MemoryBroker::new(
-                deliveries,
-                config.history_size as usize,
-                config.history_ttl,
-            )),
-        };
+        let backbone = &config.backbone;
+        let broker: Arc<dyn Broker> =
+            match RedisConfig::from_flags(backbone, config.redis_probe_interval) {
+                Some(redis) if backbone.redis_cluster => Arc::new(
+                    crate::broker::cluster::start(redis, &node_id, deliveries)
+                        .context("--redis-url")?,
+                ),
+                Some(redis) => Arc::new(
+                    RedisBroker::start(redis, &node_id, deliveries).context("--redis-url")?,
+                ),
+                None => Arc::new(MemoryBroker::new(
+                    deliveries,
+                    backbone.history_size as usize,
+                    backbone.history_ttl,
+                )),
+            };
         let hub = Hub::new(
             broker.clone(),
             HubConfig {
                 max_connections: config.max_connections,
                 max_connections_per_user: config.max_connections_per_user,
                 queue_capacity: config.queue_capacity as usize,
-                max_payload: config.max_payload,
+                max_payload: config.backbone.max_payload,
                 heartbeat: config.heartbeat,
+                max_connection_age: config.max_connection_age,
             },
         );
         let control = Control::new(hub.clone(), config.revocation_ttl);
@@ -120,11 +113,11 @@ impl Node {
             session: Arc::new(SessionConfig {
                 node_id,
                 retry: config.retry,
-                replay_limit: config.history_size as usize,
+                replay_limit: config.backbone.history_size as usize,
             }),
             cookie_name: Arc::from(config.cookie_name.as_str()),
             allow_query_token: config.allow_query_token,
-            publisher: Publisher::new(broker, config.max_payload),
+            publisher: Publisher::new(broker, config.backbone.max_payload),
             prometheus,
             cors: crate::http::cors::Cors::new(&config.cors_origins),
             control,
@@ -181,7 +174,7 @@ impl Node {
         let public_stop = CancellationToken::new();
         let admin_stop = CancellationToken::new();
         let edge = EdgeConfig {
-            max_body: body_limit(config.max_payload),
+            max_body: body_limit(config.backbone.max_payload),
             max_http_connections: config.max_http_connections as usize,
         };
         let public_task = tokio::spawn(crate::server::serve(

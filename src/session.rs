@@ -3,7 +3,8 @@
 //! [`Session::start`] subscribes, replays history after the client's cursor
 //! and builds the opening bytes; the session then yields chunks of bytes:
 //! live frames (several queued ones coalesced into one write), heartbeats,
-//! and a last control frame when the token expires or the node drains.
+//! and a last frame when the token expires, the connection reaches its
+//! maximum age or the node drains.
 //!
 //! No duplicate, no gap: the subscription goes live *before* history is read,
 //! and each connection keeps its position per channel, dropping any frame at
@@ -237,6 +238,10 @@ impl Session {
                     self.ended = Some(CloseReason::Shutdown);
                     return Some(sse::encode_retry(jittered(self.retry)));
                 }
+                Wake::Aged => {
+                    self.ended = Some(CloseReason::MaxAge);
+                    return Some(sse::encode_retry(jittered(self.retry)));
+                }
                 Wake::Killed => {
                     self.ended = Some(CloseReason::Error);
                     return None;
@@ -257,8 +262,9 @@ impl Drop for Session {
     }
 }
 
-/// The drain `retry:`: between half and twice the normal hint, so clients
-/// of a draining node come back spread out instead of all at once.
+/// The last `retry:` of a draining node or an old connection: between half
+/// and twice the normal hint, so clients come back spread out instead of
+/// all at once.
 fn jittered(retry: Duration) -> u64 {
     let base = retry.as_millis().max(100) as u64;
     rand::random_range(base / 2..=base * 2)

@@ -192,3 +192,53 @@ async fn an_idle_stream_gets_heartbeat_comments() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_connection_is_retired_with_a_jittered_retry_and_resumes_by_cursor() {
+    let node = Node::start(&["--max-connection-age", "2s", "--retry", "1s"]);
+    let alice = token("alice");
+    let opened = std::time::Instant::now();
+    let mut sse = Sse::open(&node, &alice).await;
+    publish_ok(&node, "user:alice", json!("before")).await;
+    assert_eq!(sse.next_data(WAIT).await.expect("live").data(), "before");
+
+    let rest = sse
+        .read_to_end(Duration::from_secs(5))
+        .await
+        .expect("the stream should end at its maximum age");
+    let age = opened.elapsed();
+    assert!(
+        age >= Duration::from_millis(1_800),
+        "retired at {age:?}, before 2 s − 10 %"
+    );
+    let retry = rest.iter().rev().find_map(|e| e.retry);
+    assert!(
+        retry.is_some_and(|ms| (500..=2_000).contains(&ms)),
+        "the last frame should be a jittered retry: around 1 s: {rest:?}"
+    );
+    wait_metric(
+        &node,
+        "herald_connections_closed_total{reason=\"max_age\"}",
+        WAIT,
+        |v| v == 1.0,
+    )
+    .await;
+
+    // What is published while it is away comes back on resume, once.
+    publish_ok(&node, "user:alice", json!("while away")).await;
+    let cursor = sse.last_id().expect("messages carry ids").to_string();
+    let auth = bearer(&alice);
+    let mut again = Sse::connect(
+        &node.url("/events"),
+        &[("authorization", &auth), ("last-event-id", &cursor)],
+    )
+    .await
+    .unwrap_or_else(|r| panic!("resume refused: {} {}", r.status, r.text()));
+    let replayed = again.wait_ready(WAIT).await;
+    let data: Vec<_> = replayed
+        .iter()
+        .filter(|e| e.is_message())
+        .map(|e| e.data().to_owned())
+        .collect();
+    assert_eq!(data, ["while away"]);
+}

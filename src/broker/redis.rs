@@ -38,6 +38,7 @@ use super::{
     History, Page, Presence, Store,
 };
 use crate::channel::Channel;
+use crate::config::BackboneArgs;
 use crate::envelope::{self, StreamId};
 use crate::metrics;
 
@@ -64,6 +65,20 @@ pub struct RedisConfig {
     pub history_ttl: Duration,
     /// How often the pub/sub connection is probed.
     pub probe_interval: Duration,
+}
+
+impl RedisConfig {
+    /// The settings `--redis-url` and its companions name, if it is set
+    /// (the same for `herald serve` and `herald publish`).
+    pub fn from_flags(flags: &BackboneArgs, probe_interval: Duration) -> Option<RedisConfig> {
+        Some(RedisConfig {
+            url: flags.redis_url.clone()?,
+            prefix: flags.channel_prefix.clone(),
+            history_size: flags.history_size,
+            history_ttl: flags.history_ttl,
+            probe_interval,
+        })
+    }
 }
 
 /// `rediss://` uses rustls; its crypto comes from `ring` (pure Rust and
