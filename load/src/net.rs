@@ -129,6 +129,17 @@ impl HttpConn {
         })
     }
 
+    /// Whether the server already closed this idle keep-alive connection
+    /// (a node that restarted does): a request written to it would die
+    /// with no answer and count as uncertain, where any HTTP client would
+    /// simply open a new connection first.
+    pub(crate) fn is_closed(&self) -> bool {
+        let mut probe = [0u8; 1];
+        // Nothing is due on an idle connection: data or EOF both mean it
+        // is unusable; WouldBlock means it is still open.
+        !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
     /// Sends one request (already serialized) and reads its response.
     pub(crate) async fn exchange(
         &mut self,

@@ -404,6 +404,9 @@ async fn http_sender(
                 continue;
             }
             let target = &urls[u];
+            if conns[u].as_ref().is_some_and(HttpConn::is_closed) {
+                conns[u] = None;
+            }
             if conns[u].is_none() {
                 match HttpConn::open(target.addr, timeout).await {
                     Ok(c) => conns[u] = Some(c),
