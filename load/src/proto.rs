@@ -198,6 +198,10 @@ pub(crate) struct WorkerResult {
     /// while a broadcast went out.
     #[serde(default)]
     pub(crate) unicast_samples: Vec<(u64, u64)>,
+    /// The first duplicates seen: (client, is broadcast, seq, arrived as
+    /// replay), to tell a server's double delivery from a double publish.
+    #[serde(default)]
+    pub(crate) duplicate_samples: Vec<(u64, bool, u64, bool)>,
 }
 
 /// Live-delivery latency of one phase, by kind.

@@ -565,6 +565,9 @@ pub(crate) struct ScaleReport {
     pub(crate) server_cpu_s_per_million: Option<f64>,
     pub(crate) load_cpu_s_per_million: Option<f64>,
     pub(crate) load_rss_kib: u64,
+    /// The first duplicates: (client, broadcast?, seq, arrived as replay,
+    /// its publish was uncertain).
+    pub(crate) duplicates: Vec<(u64, bool, u64, bool, bool)>,
 }
 
 // ------------------------------------------------------------------ run
@@ -1148,9 +1151,9 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
     fleet
         .send(&ToWorker::Finish {
             published: u_pub,
-            excluded: u_ex,
+            excluded: u_ex.clone(),
             broadcast_published: b_pub,
-            broadcast_excluded: b_ex,
+            broadcast_excluded: b_ex.clone(),
         })
         .await?;
     fleet
@@ -1159,6 +1162,7 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
         })
         .await?;
     ui.finish();
+    let (b_ex_all, u_ex_all) = (b_ex, u_ex);
     let worker_results: Vec<WorkerResult> =
         fleet.results.iter_mut().filter_map(Option::take).collect();
     if worker_results.len() != workers {
@@ -1188,6 +1192,7 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
         .map(|_| (new_histogram(), new_histogram()))
         .collect();
     let mut during = new_histogram();
+    let mut duplicates = Vec::new();
     let mut per_second: Vec<u64> = Vec::new();
     let every_us = (plan.broadcast_every_s * 1e6) as u64;
     for r in &worker_results {
@@ -1206,6 +1211,10 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
         for (i, p) in r.phases.iter().enumerate().take(PHASES.len()) {
             p.unicast.add_to(&mut phase_h[i].0);
             p.broadcast.add_to(&mut phase_h[i].1);
+        }
+        for &(client, is_b, seq, replayed) in &r.duplicate_samples {
+            let ex = if is_b { &b_ex_all } else { &u_ex_all };
+            duplicates.push((client, is_b, seq, replayed, ex.binary_search(&seq).is_ok()));
         }
         for &(sent_us, lat) in &r.unicast_samples {
             // Within a second after a broadcast's scheduled publish.
@@ -1320,6 +1329,7 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
         server_cpu_s_per_million: per_million(server_cpu),
         load_cpu_s_per_million: per_million(load_cpu),
         load_rss_kib: load_rss,
+        duplicates,
     })
 }
 
@@ -1528,6 +1538,25 @@ pub(crate) fn markdown(r: &ScaleReport) -> String {
             "\nConnection errors seen by clients (expected while nodes restart): {}.",
             errs.join(", ")
         );
+    }
+    if !r.duplicates.is_empty() {
+        let d: Vec<String> = r
+            .duplicates
+            .iter()
+            .map(|(c, b, seq, replay, uncertain)| {
+                format!(
+                    "u{c} {} {seq}{}{}",
+                    if *b { "broadcast" } else { "unicast" },
+                    if *replay { " (as replay)" } else { " (live)" },
+                    if *uncertain {
+                        ", publish uncertain"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        let _ = writeln!(o, "\nDuplicates (first {}): {}.", d.len(), d.join("; "));
     }
     for (name, s) in [("broadcast", &r.broadcast), ("unicast", &r.unicast)] {
         if let Some(e) = &s.first_error {

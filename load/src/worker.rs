@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
-use crate::account::{SeqTracker, Tally};
+use crate::account::{Arrival, SeqTracker, Tally};
 use crate::net::{connect, mint_token, unix_now_us};
 use crate::proto::{
     new_histogram, Counters, Fanout, FromWorker, Hist, PhaseLatency, Progress, ToWorker,
@@ -93,6 +93,7 @@ struct Shared {
     phase: usize,
     phase_latency: Vec<(Histogram<u64>, Histogram<u64>)>,
     unicast_samples: Vec<(u64, u64)>,
+    duplicate_samples: Vec<(u64, bool, u64, bool)>,
     /// Targets that take connections (the first this many).
     active_targets: usize,
 }
@@ -176,6 +177,7 @@ async fn worker_main(plan: WorkerPlan) -> anyhow::Result<()> {
             .map(|_| (new_histogram(), new_histogram()))
             .collect(),
         unicast_samples: Vec::new(),
+        duplicate_samples: Vec::new(),
         active_targets: match plan.active_targets {
             0 => plan.targets.len(),
             n => n.min(plan.targets.len()),
@@ -335,6 +337,7 @@ fn finish(s: &Shared, unicast: (u64, &[u64]), broadcast: (u64, &[u64])) -> Worke
             })
             .collect(),
         unicast_samples: s.unicast_samples.clone(),
+        duplicate_samples: s.duplicate_samples.clone(),
     }
 }
 
@@ -690,10 +693,15 @@ impl StreamCtx<'_> {
                 };
                 let before = tracker.delivered;
                 let dups_before = tracker.duplicates;
-                tracker.record(seq);
+                let arrival = tracker.record(seq);
                 s.progress.delivered += tracker.delivered - before;
                 s.progress.duplicates += tracker.duplicates - dups_before;
                 let lat = now_us.saturating_sub(sent_us).clamp(1, 3_600_000_000);
+                if arrival == Arrival::Duplicate && s.duplicate_samples.len() < 32 {
+                    let global = s.plan.first_client + self.slot as u64;
+                    s.duplicate_samples
+                        .push((global, is_broadcast, seq, *self.replaying));
+                }
                 let hist = if *self.replaying {
                     &mut s.replay_latency
                 } else {
