@@ -256,9 +256,14 @@ impl Edge {
                 // but not forever and not past a drain. The buffer is given
                 // back meanwhile.
                 buf = BytesMut::new();
+                // Bytes already here are a request the client sent before
+                // it could know of the drain: answer it (with `close`)
+                // rather than drop it unread, which resets the connection
+                // and leaves the client unsure whether it was acted on.
                 let ready = tokio::select! {
-                    _ = self.stop.cancelled() => return None,
+                    biased;
                     ready = tokio::time::timeout(KEEP_ALIVE_TIMEOUT, stream.readable()) => ready,
+                    _ = self.stop.cancelled() => return None,
                 };
                 if !matches!(ready, Ok(Ok(()))) {
                     return None;
@@ -334,7 +339,11 @@ impl Edge {
     }
 
     /// Reads more bytes into `buf`; `false` when the client closed, the
-    /// deadline passed, or the node drains.
+    /// deadline passed, or the node drains before a request began. A
+    /// request that began (bytes in `buf`, or already in the socket) is
+    /// read to its end within its deadline, drain or not, so that it is
+    /// answered: dropping it unread would reset the connection with the
+    /// client unsure whether it was acted on.
     async fn read_more(
         &self,
         stream: &mut TcpStream,
@@ -344,11 +353,12 @@ impl Edge {
         if buf.capacity() == buf.len() {
             buf.reserve(1024);
         }
+        let began = !buf.is_empty();
+        let read = tokio::time::timeout_at(deadline, stream.read_buf(buf));
         tokio::select! {
-            _ = self.stop.cancelled() => false,
-            read = tokio::time::timeout_at(deadline, stream.read_buf(buf)) => {
-                matches!(read, Ok(Ok(n)) if n > 0)
-            }
+            biased;
+            read = read => matches!(read, Ok(Ok(n)) if n > 0),
+            _ = self.stop.cancelled(), if !began => false,
         }
     }
 }
