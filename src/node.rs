@@ -62,14 +62,11 @@ impl Node {
             None => None,
         };
 
-        let public = TcpListener::bind(config.listen)
-            .await
+        let public = listen(config.listen)
             .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
-        let admin = TcpListener::bind(config.admin_listen)
-            .await
-            .with_context(|| {
-                format!("cannot listen on {} (--admin-listen)", config.admin_listen)
-            })?;
+        let admin = listen(config.admin_listen).with_context(|| {
+            format!("cannot listen on {} (--admin-listen)", config.admin_listen)
+        })?;
 
         let node_id = format!("{:08x}", rand::random::<u32>());
         let (deliveries, incoming) = mpsc::unbounded_channel();
@@ -209,4 +206,25 @@ impl Node {
         let _ = admin_task.await;
         Ok(())
     }
+}
+
+/// Connections the kernel may hold for a listener before it accepts them
+/// (capped by `net.core.somaxconn`). The standard library's 128 — what
+/// `TcpListener::bind` uses — overflows when thousands of clients
+/// reconnect at once (a node restarting, a ramp): the kernel then drops
+/// their handshakes, they retry after a timeout, and a node that was
+/// merely busy for a moment stays behind. 4096 absorbs ~2 s of a 2,000/s
+/// reconnect storm.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as
+/// `TcpListener::bind` sets it, so a restarted node gets its port back).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
