@@ -153,6 +153,9 @@ fn settle<T>(
     }
 }
 
+/// Most subscribes sent in one `SUBSCRIBE`.
+const SUBSCRIBE_BATCH: usize = 512;
+
 /// Channels per presence pipeline.
 const PRESENCE_BATCH: usize = 500;
 
@@ -1034,8 +1037,61 @@ impl PubSubTask {
                 }
                 command = self.subs.commands.recv() => {
                     let Some(command) = command else { return Ended::Stop };
+                    let mut command = command;
+                    if let Command::Subscribe(channel, ack) = command {
+                        // Every subscribe already queued goes out in one
+                        // SUBSCRIBE: one round trip each made a node at a
+                        // few thousand new connections per second wait
+                        // on Redis channel by channel (and relay nothing
+                        // meanwhile) until one took over COMMAND_TIMEOUT
+                        // and the reconnect resubscribed everything.
+                        let mut keys = Vec::new();
+                        let mut acks = vec![ack];
+                        let mut next = None;
+                        let mut add = |channel: Channel, desired: &mut HashSet<Channel>| {
+                            let key = channel.pubsub_key(&prefix);
+                            if desired.insert(channel) {
+                                keys.push(key);
+                            }
+                        };
+                        add(channel, &mut self.subs.desired);
+                        while acks.len() < SUBSCRIBE_BATCH {
+                            match self.subs.commands.try_recv() {
+                                Ok(Command::Subscribe(channel, ack)) => {
+                                    add(channel, &mut self.subs.desired);
+                                    acks.push(ack);
+                                }
+                                Ok(other) => {
+                                    next = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        let done = if keys.is_empty() {
+                            Ok(Ok(()))
+                        } else {
+                            tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(&keys)).await
+                        };
+                        let ok = matches!(done, Ok(Ok(())));
+                        for ack in acks {
+                            let _ = self.subs.settle(if ok { Ok(Ok::<(), ()>(())) } else { Err(()) }, ack);
+                        }
+                        match done {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => return Ended::Lost(e.to_string()),
+                            Err(_) => return Ended::Lost("(un)subscribe timed out".into()),
+                        }
+                        match next {
+                            Some(c) => command = c,
+                            None => continue,
+                        }
+                    }
                     let result = match command {
                         Command::Subscribe(channel, ack) => {
+                            // (Batched above; a subscribe that follows an
+                            // unsubscribe in the queue is simply the next
+                            // command.)
                             let key = channel.pubsub_key(&prefix);
                             let fresh = self.subs.desired.insert(channel);
                             let done = if fresh {
