@@ -56,6 +56,9 @@ pub(crate) struct PublishPlan {
     /// Messages at or beyond this number are not sent (lowered to stop a
     /// run early); `None`: `messages`.
     pub(crate) stop_at: Option<Arc<AtomicU64>>,
+    /// Once set, nothing more is sent, even what is due (the messages not
+    /// sent stay unexpected): a run whose servers stopped answering ends.
+    pub(crate) abandon: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Event name for every message (`None`: the default `message`).
     pub(crate) event: Option<String>,
     /// Unicast message `k` goes to user `(k · mult) mod total_clients`
@@ -82,6 +85,7 @@ impl Default for PublishPlan {
             first: 0,
             step: 1,
             stop_at: None,
+            abandon: None,
             event: None,
             unicast_mult: None,
             start: None,
@@ -95,7 +99,21 @@ impl PublishPlan {
         (self.first..self.messages).step_by(self.step.max(1) as usize)
     }
 
+    /// Messages below this number may still be sent.
     fn limit(&self) -> u64 {
+        if self
+            .abandon
+            .as_ref()
+            .is_some_and(|a| a.load(Ordering::Relaxed))
+        {
+            return 0;
+        }
+        self.schedule_end()
+    }
+
+    /// The schedule's end: messages below it count (as confirmed, failed,
+    /// uncertain or never sent).
+    fn schedule_end(&self) -> u64 {
         self.stop_at.as_ref().map_or(self.messages, |s| {
             s.load(Ordering::Relaxed).min(self.messages)
         })
@@ -214,7 +232,7 @@ pub(crate) async fn run(plan: Arc<PublishPlan>, sent: SentCounter) -> anyhow::Re
         .map_err(|_| anyhow::anyhow!("poisoned"))?;
     let mut excluded = Vec::new();
     let (mut confirmed, mut failed, mut uncertain) = (0, 0, 0);
-    let limit = plan.limit();
+    let limit = plan.schedule_end();
     let mut attempted = 0;
     for k in plan.own().take_while(|&k| k < limit) {
         attempted += 1;

@@ -917,6 +917,7 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
     .map_err(|e| anyhow::anyhow!("redis publisher: {e}"))?;
     let stop_broadcast = Arc::new(AtomicU64::new(broadcasts));
     let stop_unicast = Arc::new(AtomicU64::new(unicasts));
+    let abandon = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mk = |via: Via, fanout: Fanout, first: u64, concurrency: usize| {
         let (messages, rate, stop, event) = match fanout {
             Fanout::Broadcast => (
@@ -937,6 +938,7 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
             first,
             step: 2,
             stop_at: Some(stop),
+            abandon: Some(abandon.clone()),
             event,
             unicast_mult: Some(mult),
             start: Some(start),
@@ -1080,11 +1082,22 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
     let publish_end_s = t;
     let mut results: Vec<Published> = Vec::new();
     ui.phase("draining");
+    // What is due is still sent, for 20 s; then nothing more (a cluster
+    // that stopped answering would otherwise keep the publishers busy
+    // with timeouts); in-flight requests end within their 10 s timeout
+    // per URL, and a publisher still busy 110 s in ends the run.
+    let stopping = Instant::now();
     for p in publishers {
-        // Each stops at its next message; in-flight ones time out in 10s.
         let r = loop {
             if p.is_finished() {
                 break p.await.context("publisher")??;
+            }
+            if stopping.elapsed() >= Duration::from_secs(20) {
+                abandon.store(true, Ordering::Relaxed);
+            }
+            if stopping.elapsed() >= Duration::from_secs(110) {
+                p.abort();
+                bail!("a publisher did not stop within 110 s (the nodes stopped answering)");
             }
             fleet
                 .pump(Instant::now() + Duration::from_millis(100), &mut ui, |_| {
