@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 /// Longest channel name accepted, in bytes, not counting the `user:` or
 /// `topic:` prefix (so every valid `sub`, up to 256 bytes, has a channel).
-pub const MAX_CHANNEL_LEN: usize = 256;
+pub(crate) const MAX_CHANNEL_LEN: usize = 256;
 
 /// The name of Herald's own channel between nodes (disconnects,
 /// revocations). [`Channel::parse`] refuses it, so no client can subscribe
@@ -159,7 +159,7 @@ impl fmt::Debug for Channel {
 
 /// Whether a claim pattern allows `name`: an exact match, or a trailing `*`
 /// that matches any suffix (`orders.*` allows `orders.1`; `*` allows all).
-pub fn pattern_allows(pattern: &str, name: &str) -> bool {
+pub(crate) fn pattern_allows(pattern: &str, name: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => name.starts_with(prefix),
         None => pattern == name,
@@ -167,7 +167,7 @@ pub fn pattern_allows(pattern: &str, name: &str) -> bool {
 }
 
 /// Whether any of `patterns` allows `name`.
-pub fn any_pattern_allows(patterns: &[String], name: &str) -> bool {
+pub(crate) fn any_pattern_allows(patterns: &[String], name: &str) -> bool {
     patterns.iter().any(|p| pattern_allows(p, name))
 }
 

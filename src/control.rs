@@ -35,17 +35,17 @@ use crate::metrics;
 use crate::sse;
 
 /// How long a node trusts what it read about a user's revocation.
-pub const REVOCATION_RECHECK: Duration = Duration::from_secs(10);
+pub(crate) const REVOCATION_RECHECK: Duration = Duration::from_secs(10);
 /// Most users whose revocation state a node remembers; when full, entries
 /// past their recheck are dropped, and if that is not enough, all.
 const REVOCATION_CACHE: usize = 100_000;
 /// Control messages waiting for the control task; beyond it they are
 /// dropped (logged): each is a disconnect an operator can repeat.
-pub const CONTROL_QUEUE: usize = 1024;
+pub(crate) const CONTROL_QUEUE: usize = 1024;
 /// Largest control message accepted from the broker.
 const MAX_CONTROL_PAYLOAD: usize = 4096;
 /// Longest `reason` shown to the disconnected clients, in bytes.
-pub const MAX_REASON_LEN: usize = 256;
+pub(crate) const MAX_REASON_LEN: usize = 256;
 
 /// The control channel's `disconnect` message.
 #[derive(Debug, Serialize, Deserialize)]
@@ -61,7 +61,7 @@ struct Disconnect {
 
 /// Why a token was refused by [`Control::check_revocation`].
 #[derive(Debug, thiserror::Error)]
-pub enum RevocationError {
+pub(crate) enum RevocationError {
     /// The user was logged out after this token was issued.
     #[error("token revoked")]
     Revoked,
@@ -75,7 +75,7 @@ type Known = HashMap<Box<str>, (Option<u64>, Instant)>;
 
 /// Cheap clonable handle to the node's control side.
 #[derive(Clone)]
-pub struct Control {
+pub(crate) struct Control {
     shared: Arc<Shared>,
 }
 
@@ -90,7 +90,7 @@ struct Shared {
 
 impl Control {
     /// The control side of the node whose hub is `hub`.
-    pub fn new(hub: Hub, revocation_ttl: Duration) -> Control {
+    pub(crate) fn new(hub: Hub, revocation_ttl: Duration) -> Control {
         Control {
             shared: Arc::new(Shared {
                 hub,
@@ -128,7 +128,7 @@ impl Control {
 
     /// Refuses a token issued before its user's revocation. A token
     /// without `iat` counts as issued at 0.
-    pub async fn check_revocation(&self, claims: &Claims) -> Result<(), RevocationError> {
+    pub(crate) async fn check_revocation(&self, claims: &Claims) -> Result<(), RevocationError> {
         let cached = self
             .known()
             .get(claims.sub.as_str())
@@ -154,7 +154,7 @@ impl Control {
     /// (data `{"reason": reason}`); with `revoke`, also refuses their tokens
     /// issued before now on every node for `--revocation-ttl`. Returns how
     /// many connections it ended on this node.
-    pub async fn disconnect(
+    pub(crate) async fn disconnect(
         &self,
         user: &Channel,
         sub: &str,
@@ -179,7 +179,7 @@ impl Control {
 
     /// Carries out the control messages the hub hands over, until the hub
     /// drops its sender. Malformed ones are dropped and counted as invalid.
-    pub async fn run(self, mut incoming: mpsc::Receiver<Bytes>) {
+    pub(crate) async fn run(self, mut incoming: mpsc::Receiver<Bytes>) {
         while let Some(payload) = incoming.recv().await {
             match parse_disconnect(&payload) {
                 Some((user, message)) => {
@@ -201,7 +201,7 @@ impl Control {
 /// Stores `user`'s revocation (cutoff and TTL) if given, then tells every
 /// node to disconnect the user: what `POST /disconnect` does beyond this
 /// node, and all an app service does through [`crate::Publisher`].
-pub async fn send_disconnect(
+pub(crate) async fn send_disconnect(
     store: &dyn Store,
     user: &Channel,
     reason: &str,

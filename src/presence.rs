@@ -18,15 +18,15 @@ use crate::channel::Channel;
 use crate::hub::Hub;
 
 /// How often a node compares its counts with what it last wrote.
-pub const PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
 /// How often an unchanged count is rewritten.
-pub const PRESENCE_REFRESH: Duration = Duration::from_secs(4);
+pub(crate) const PRESENCE_REFRESH: Duration = Duration::from_secs(4);
 /// How long a written count stays valid without a rewrite.
-pub const PRESENCE_TTL: Duration = Duration::from_secs(10);
+pub(crate) const PRESENCE_TTL: Duration = Duration::from_secs(10);
 
 /// Reports this node's counts to the broker until the process ends.
 /// A failed write is logged and retried on the next tick.
-pub async fn report(hub: Hub, node_id: String) {
+pub(crate) async fn report(hub: Hub, node_id: String) {
     // What was last written, and when, per channel.
     let mut written: HashMap<Channel, (usize, Instant)> = HashMap::new();
     let mut tick = tokio::time::interval(PRESENCE_INTERVAL);

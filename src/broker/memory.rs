@@ -24,7 +24,7 @@ use crate::sync::lock;
 
 /// In-process broker for a single node.
 #[derive(Clone)]
-pub struct MemoryBroker {
+pub(crate) struct MemoryBroker {
     shared: Arc<Shared>,
 }
 
@@ -46,7 +46,7 @@ struct Shared {
 }
 
 /// Most revocations held at once (each lasts `--revocation-ttl`).
-pub const MAX_REVOCATIONS: usize = 100_000;
+pub(crate) const MAX_REVOCATIONS: usize = 100_000;
 
 struct Log {
     entries: VecDeque<Entry>,
@@ -60,7 +60,7 @@ struct Log {
 impl MemoryBroker {
     /// A broker delivering into `deliveries`; spawns a task that drops idle
     /// histories (it ends when the broker is dropped).
-    pub fn new(deliveries: Deliveries, history_size: usize, history_ttl: Duration) -> Self {
+    pub(crate) fn new(deliveries: Deliveries, history_size: usize, history_ttl: Duration) -> Self {
         let shared = Arc::new(Shared {
             channels: Mutex::new(HashMap::new()),
             revocations: Mutex::new(HashMap::new()),

@@ -11,8 +11,8 @@
 //! [`redis::RedisBroker`] (any number of nodes sharing Redis, or a Redis
 //! Cluster with sharded pub/sub: [`cluster`]).
 
-pub mod cluster;
-pub mod memory;
+pub(crate) mod cluster;
+pub(crate) mod memory;
 pub mod redis;
 
 use std::future::Future;
@@ -27,11 +27,11 @@ use crate::channel::Channel;
 use crate::envelope::StreamId;
 
 /// A boxed future, so the trait stays object safe.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What a broker hands to the hub.
 #[derive(Debug)]
-pub enum Delivery {
+pub(crate) enum Delivery {
     /// A payload received on a channel (not yet validated).
     Message {
         /// The channel it arrived on.
@@ -49,14 +49,14 @@ pub enum Delivery {
 /// a connection is a `try_send`), so the queue grows only while the CPU is
 /// saturated, and the alternatives are worse: dropping loses messages and
 /// blocking the Redis reader makes Redis cut the subscriber connection.
-pub type Deliveries = mpsc::UnboundedSender<Delivery>;
+pub(crate) type Deliveries = mpsc::UnboundedSender<Delivery>;
 
 /// One history entry: its id and envelope payload.
 pub type Entry = (StreamId, Bytes);
 
 /// The result of reading history after a position.
 #[derive(Debug)]
-pub enum History {
+pub(crate) enum History {
     /// Every entry after the position, oldest first (possibly none).
     Entries(Vec<Entry>),
     /// Entries after the position were trimmed or expired: replay would have
@@ -86,7 +86,7 @@ pub enum BrokerError {
 
 /// Publishing and history: all a publisher needs (see [`Broker`] for
 /// subscriptions).
-pub trait Store: Send + Sync + 'static {
+pub(crate) trait Store: Send + Sync + 'static {
     /// Appends to the channel's history (trimmed to the history size, expiring
     /// after the history TTL) and publishes the envelope carrying the new id.
     /// `data` is JSON text.
@@ -163,13 +163,13 @@ pub struct Presence {
 }
 
 /// One node's presence entry as stored: `"<count>:<fresh until, ms>"`.
-pub fn encode_presence(count: usize, fresh_until_ms: u64) -> String {
+pub(crate) fn encode_presence(count: usize, fresh_until_ms: u64) -> String {
     format!("{count}:{fresh_until_ms}")
 }
 
 /// Sums presence entries (as [`encode_presence`] wrote them) still fresh at
 /// `now_ms`; malformed ones are skipped.
-pub fn sum_presence<'a>(entries: impl Iterator<Item = &'a str>, now_ms: u64) -> Presence {
+pub(crate) fn sum_presence<'a>(entries: impl Iterator<Item = &'a str>, now_ms: u64) -> Presence {
     let mut presence = Presence::default();
     for entry in entries {
         let Some((count, until)) = entry.split_once(':') else {
@@ -187,7 +187,7 @@ pub fn sum_presence<'a>(entries: impl Iterator<Item = &'a str>, now_ms: u64) -> 
 }
 
 /// The backbone a node publishes to and subscribes through.
-pub trait Broker: Store {
+pub(crate) trait Broker: Store {
     /// Starts receiving `channel`. The request is queued before this returns,
     /// so calls made in order take effect in order; the future resolves once
     /// the subscription is live (a message published after that is delivered).

@@ -225,7 +225,7 @@ const CLUSTER_RETRIES: u32 = 6;
 
 /// Publishing and history over a connection pool (or a cluster connection).
 #[derive(Clone)]
-pub struct RedisStore {
+pub(crate) struct RedisStore {
     backend: Backend,
     config: Arc<RedisConfig>,
     publish: Arc<Script>,
@@ -234,7 +234,7 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// A store for `config`; connects lazily, so it builds with Redis down.
-    pub fn new(config: RedisConfig) -> Result<Self, BrokerError> {
+    pub(crate) fn new(config: RedisConfig) -> Result<Self, BrokerError> {
         install_tls_provider();
         let manager = deadpool_redis::Manager::new(config.url.as_str()).map_err(unavailable)?;
         let pool = Pool::builder(Multiplexed(manager))
@@ -256,7 +256,7 @@ impl RedisStore {
     /// A store on the Redis Cluster named by `config.url` (seed URLs,
     /// comma-separated): calls are routed by slot and the publish script
     /// publishes with `SPUBLISH`. Connects lazily, like [`RedisStore::new`].
-    pub fn cluster(config: RedisConfig) -> Result<Self, BrokerError> {
+    pub(crate) fn cluster(config: RedisConfig) -> Result<Self, BrokerError> {
         let client = cluster_client(&config.url, |b| b)?;
         Ok(RedisStore {
             backend: Backend::Cluster(Arc::new(LazyCluster {
@@ -639,7 +639,7 @@ pub(super) enum Command {
 /// A node's Redis broker: [`RedisStore`] plus the pub/sub task (one
 /// connection to one Redis, or sharded pub/sub on a Redis Cluster: see
 /// [`super::cluster`]).
-pub struct RedisBroker {
+pub(crate) struct RedisBroker {
     store: RedisStore,
     commands: mpsc::UnboundedSender<Command>,
     /// True while the pub/sub connection is up and its probe comes back.
@@ -651,7 +651,7 @@ pub struct RedisBroker {
 impl RedisBroker {
     /// Starts the pub/sub task; messages go to `deliveries`. Returns at
     /// once: with Redis down the node starts unready and keeps retrying.
-    pub fn start(
+    pub(crate) fn start(
         config: RedisConfig,
         node_id: &str,
         deliveries: Deliveries,
