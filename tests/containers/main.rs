@@ -1,6 +1,6 @@
 //! Every way Herald ships to run in containers, really run with podman:
-//! `deploy/Containerfile`'s image, `deploy/compose.yaml` under
-//! podman-compose, and `deploy/kubernetes/` validated against Kubernetes'
+//! `deploy/Containerfile`'s image, `deploy/compose.yaml` and
+//! `deploy/compose.cluster.yaml` under podman-compose, and `deploy/kubernetes/` validated against Kubernetes'
 //! schemas and played with `podman kube play`.
 //!
 //! The machine has no container network and no image registry, so every
