@@ -15,7 +15,7 @@
 //! connections cannot overload the application.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -25,6 +25,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::auth::{unix_now, Claims, MAX_SUB_LEN};
 use crate::fetch::Fetcher;
 use crate::metrics;
+use crate::sync::lock;
 
 /// Most auth calls in flight at once per node.
 pub(crate) const MAX_CONCURRENT_CALLS: usize = 32;
@@ -95,10 +96,6 @@ impl std::fmt::Debug for AppAuth {
             .field("fetcher", &self.fetcher)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl AppAuth {

@@ -324,10 +324,7 @@ impl Verifier {
             .filter_map(|jwk| self.jwk_key(jwk))
             .collect();
         let count = keys.len();
-        *jwks
-            .keys
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+        *crate::sync::write(&jwks.keys) = Arc::new(keys);
         jwks.fetched
             .store(true, std::sync::atomic::Ordering::Release);
         self.remembered().clear();
@@ -452,11 +449,7 @@ impl Verifier {
             _ => AuthError::Invalid("malformed"),
         })?;
         let fetched: Arc<Vec<Key>> = match &self.jwks {
-            Some(jwks) => jwks
-                .keys
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone(),
+            Some(jwks) => crate::sync::read(&jwks.keys).clone(),
             None => Arc::new(Vec::new()),
         };
         let named: Vec<&Key> = match &header.kid {

@@ -105,11 +105,7 @@ impl Control {
     }
 
     fn known(&self) -> MutexGuard<'_, Known> {
-        // The map is valid whatever a panicking holder left behind.
-        self.shared
-            .known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.shared.known)
     }
 
     /// Remembers `user`'s revocation cutoff (the newest one wins).

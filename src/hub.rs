@@ -462,13 +462,12 @@ impl Hub {
             .count()
     }
 
-    /// Every channel with local connections and how many (for presence).
-    pub(crate) fn channel_counts(&self) -> Vec<(Channel, usize)> {
-        self.state()
-            .channels
-            .values()
-            .map(|s| (s.channel.clone(), s.links.len()))
-            .collect()
+    /// Calls `f` with every channel that has local connections and how
+    /// many (for presence), under the hub's lock: `f` must be quick.
+    pub(crate) fn each_channel_count(&self, mut f: impl FnMut(&Channel, usize)) {
+        for subscribers in self.state().channels.values() {
+            f(&subscribers.channel, subscribers.links.len());
+        }
     }
 }
 

@@ -27,28 +27,32 @@ pub(crate) const PRESENCE_TTL: Duration = Duration::from_secs(10);
 /// Reports this node's counts to the broker until the process ends.
 /// A failed write is logged and retried on the next tick.
 pub(crate) async fn report(hub: Hub, node_id: String) {
-    // What was last written, and when, per channel.
-    let mut written: HashMap<Channel, (usize, Instant)> = HashMap::new();
+    // What was last written, when, and on which tick the channel was last
+    // seen held; updated in place, so a tick allocates only its changes.
+    let mut written: HashMap<Channel, Written> = HashMap::new();
     let mut tick = tokio::time::interval(PRESENCE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut round: u64 = 0;
     loop {
         tick.tick().await;
+        round += 1;
         let now = Instant::now();
-        let current: HashMap<Channel, usize> = hub.channel_counts().into_iter().collect();
-        let mut changes: Vec<(Channel, usize)> = current
-            .iter()
-            .filter(|(channel, count)| match written.get(*channel) {
-                Some((before, at)) => before != *count || now - *at >= PRESENCE_REFRESH,
-                None => true,
-            })
-            .map(|(channel, count)| (channel.clone(), *count))
-            .collect();
+        let mut changes: Vec<(Channel, usize)> = Vec::new();
+        hub.each_channel_count(|channel, count| match written.get_mut(channel) {
+            Some(entry) => {
+                entry.seen = round;
+                if entry.count != count || now - entry.at >= PRESENCE_REFRESH {
+                    changes.push((channel.clone(), count));
+                }
+            }
+            None => changes.push((channel.clone(), count)),
+        });
         // Channels this node no longer holds: remove its entry.
         changes.extend(
             written
-                .keys()
-                .filter(|channel| !current.contains_key(*channel))
-                .map(|channel| (channel.clone(), 0)),
+                .iter()
+                .filter(|(_, entry)| entry.seen != round)
+                .map(|(channel, _)| (channel.clone(), 0)),
         );
         if changes.is_empty() {
             continue;
@@ -63,11 +67,27 @@ pub(crate) async fn report(hub: Hub, node_id: String) {
                     if count == 0 {
                         written.remove(&channel);
                     } else {
-                        written.insert(channel, (count, now));
+                        let seen = round;
+                        written.insert(
+                            channel,
+                            Written {
+                                count,
+                                at: now,
+                                seen,
+                            },
+                        );
                     }
                 }
             }
             Err(error) => tracing::debug!(%error, "presence report failed; retrying"),
         }
     }
+}
+
+/// One channel's last report.
+struct Written {
+    count: usize,
+    at: Instant,
+    /// The tick on which the hub last held the channel.
+    seen: u64,
 }

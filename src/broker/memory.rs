@@ -15,8 +15,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::{
-    encode_presence, sum_presence, BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry,
-    History, Page, Presence, Store,
+    BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Page, Presence, Store,
 };
 use crate::channel::Channel;
 use crate::envelope::{self, now_ms, StreamId};
@@ -35,9 +34,9 @@ struct Shared {
     /// Live revocations: user channel → (cutoff, when it lapses). Bounded
     /// by [`MAX_REVOCATIONS`]; lapsed ones are dropped as it fills.
     revocations: Mutex<HashMap<Channel, (u64, Instant)>>,
-    /// Presence entries: channel → node → `"<count>:<fresh until>"`; only
-    /// channels with connections (a count of 0 removes the entry).
-    presence: Mutex<HashMap<Channel, HashMap<String, String>>>,
+    /// Presence entries; only channels with connections (a count of 0
+    /// removes the entry).
+    presence: Mutex<PresenceTable>,
     /// Where published messages go; sent under the lock so they arrive in id
     /// order.
     deliveries: Deliveries,
@@ -47,6 +46,43 @@ struct Shared {
 
 /// Most revocations held at once (each lasts `--revocation-ttl`).
 pub(crate) const MAX_REVOCATIONS: usize = 100_000;
+
+/// Each node's count per channel, flat: one map entry per (channel, node)
+/// and nothing allocated per entry, since a node holds one entry for every
+/// user connected to it.
+#[derive(Default)]
+struct PresenceTable {
+    /// Node ids seen, indexed by the keys of `counts` (a handful).
+    nodes: Vec<Box<str>>,
+    /// (channel, node index) → (count, fresh until in ms).
+    counts: HashMap<(Channel, usize), (usize, u64)>,
+}
+
+impl PresenceTable {
+    fn node_index(&mut self, node: &str) -> usize {
+        match self.nodes.iter().position(|n| &**n == node) {
+            Some(i) => i,
+            None => {
+                self.nodes.push(node.into());
+                self.nodes.len() - 1
+            }
+        }
+    }
+
+    fn sum(&self, channel: &Channel, now_ms: u64) -> Presence {
+        let mut presence = Presence::default();
+        for node in 0..self.nodes.len() {
+            match self.counts.get(&(channel.clone(), node)) {
+                Some(&(count, until)) if until > now_ms && count > 0 => {
+                    presence.connections = presence.connections.saturating_add(count);
+                    presence.nodes += 1;
+                }
+                _ => {}
+            }
+        }
+        presence
+    }
+}
 
 struct Log {
     entries: VecDeque<Entry>,
@@ -64,7 +100,7 @@ impl MemoryBroker {
         let shared = Arc::new(Shared {
             channels: Mutex::new(HashMap::new()),
             revocations: Mutex::new(HashMap::new()),
-            presence: Mutex::new(HashMap::new()),
+            presence: Mutex::new(PresenceTable::default()),
             deliveries,
             history_size: history_size.max(1),
             history_ttl,
@@ -249,19 +285,13 @@ impl Store for MemoryBroker {
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
         let until = now_ms().saturating_add(ttl.as_millis() as u64);
         let mut presence = lock(&self.shared.presence);
+        let node = presence.node_index(node);
         for (channel, count) in counts {
+            let key = (channel.clone(), node);
             if *count == 0 {
-                if let Some(nodes) = presence.get_mut(channel) {
-                    nodes.remove(node);
-                    if nodes.is_empty() {
-                        presence.remove(channel);
-                    }
-                }
+                presence.counts.remove(&key);
             } else {
-                presence
-                    .entry(channel.clone())
-                    .or_default()
-                    .insert(node.to_owned(), encode_presence(*count, until));
+                presence.counts.insert(key, (*count, until));
             }
         }
         drop(presence);
@@ -272,10 +302,7 @@ impl Store for MemoryBroker {
         &'a self,
         channel: &'a Channel,
     ) -> BoxFuture<'a, Result<Presence, BrokerError>> {
-        let presence = lock(&self.shared.presence)
-            .get(channel)
-            .map(|nodes| sum_presence(nodes.values().map(String::as_str), now_ms()))
-            .unwrap_or_default();
+        let presence = lock(&self.shared.presence).sum(channel, now_ms());
         Box::pin(async move { Ok(presence) })
     }
 }
