@@ -112,12 +112,24 @@ impl Channel {
     /// Redis pub/sub channel: `<prefix>:{<channel>}`. The braces are a hash
     /// tag so the channel and its history stream share a cluster slot.
     pub fn pubsub_key(&self, prefix: &str) -> String {
-        format!("{prefix}:{{{}}}", self.0)
+        self.key(prefix, "")
     }
 
     /// Redis history stream: `<prefix>:{<channel>}:h`.
     pub fn history_key(&self, prefix: &str) -> String {
-        format!("{prefix}:{{{}}}:h", self.0)
+        self.key(prefix, ":h")
+    }
+
+    /// `<prefix>:{<channel>}<suffix>`, built without the formatting
+    /// machinery: every publish makes two.
+    fn key(&self, prefix: &str, suffix: &str) -> String {
+        let mut key = String::with_capacity(prefix.len() + self.0.len() + suffix.len() + 3);
+        key.push_str(prefix);
+        key.push_str(":{");
+        key.push_str(&self.0);
+        key.push('}');
+        key.push_str(suffix);
+        key
     }
 
     /// Recovers the channel from a pub/sub key made by [`Channel::pubsub_key`].
