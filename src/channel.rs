@@ -149,12 +149,6 @@ impl Channel {
     pub fn revocation_key(&self, prefix: &str) -> String {
         format!("{prefix}:{{{}}}:revoked", self.0)
     }
-
-    /// Redis hash of a channel's presence counts, one field per node:
-    /// `<prefix>:{<channel>}:presence`.
-    pub fn presence_key(&self, prefix: &str) -> String {
-        format!("{prefix}:{{{}}}:presence", self.0)
-    }
 }
 
 impl fmt::Display for Channel {

@@ -52,32 +52,45 @@ pub(crate) const MAX_REVOCATIONS: usize = 100_000;
 /// user connected to it.
 #[derive(Default)]
 struct PresenceTable {
-    /// Node ids seen, indexed by the keys of `counts` (a handful).
-    nodes: Vec<Box<str>>,
-    /// (channel, node index) → (count, fresh until in ms).
-    counts: HashMap<(Channel, usize), (usize, u64)>,
+    /// Node ids seen and when each one's table lapses (ms), indexed by the
+    /// keys of `counts` (a handful).
+    nodes: Vec<(Box<str>, u64)>,
+    /// (channel, node index) → count.
+    counts: HashMap<(Channel, usize), usize>,
 }
 
 impl PresenceTable {
-    fn node_index(&mut self, node: &str) -> usize {
-        match self.nodes.iter().position(|n| &**n == node) {
-            Some(i) => i,
+    /// Applies `node`'s changes and keeps it alive until `until`; `false`
+    /// if its table had lapsed (its counts are dropped first).
+    fn report(&mut self, node: &str, changes: &[(Channel, usize)], now: u64, until: u64) -> bool {
+        let (index, alive) = match self.nodes.iter().position(|(n, _)| &**n == node) {
+            Some(i) => (i, self.nodes[i].1 > now),
             None => {
-                self.nodes.push(node.into());
-                self.nodes.len() - 1
+                self.nodes.push((node.into(), 0));
+                (self.nodes.len() - 1, false)
+            }
+        };
+        if !alive {
+            self.counts.retain(|(_, n), _| *n != index);
+        }
+        self.nodes[index].1 = until;
+        for (channel, count) in changes {
+            let key = (channel.clone(), index);
+            if *count == 0 {
+                self.counts.remove(&key);
+            } else {
+                self.counts.insert(key, *count);
             }
         }
+        alive
     }
 
-    fn sum(&self, channel: &Channel, now_ms: u64) -> Presence {
+    fn sum(&self, channel: &Channel, now: u64) -> Presence {
         let mut presence = Presence::default();
-        for node in 0..self.nodes.len() {
-            match self.counts.get(&(channel.clone(), node)) {
-                Some(&(count, until)) if until > now_ms && count > 0 => {
-                    presence.connections = presence.connections.saturating_add(count);
-                    presence.nodes += 1;
-                }
-                _ => {}
+        for (index, (_, until)) in self.nodes.iter().enumerate() {
+            if *until > now {
+                let count = self.counts.get(&(channel.clone(), index));
+                presence.add(count.copied().unwrap_or(0));
             }
         }
         presence
@@ -280,22 +293,13 @@ impl Store for MemoryBroker {
     fn report_presence<'a>(
         &'a self,
         node: &'a str,
-        counts: &'a [(Channel, usize)],
+        changes: &'a [(Channel, usize)],
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), BrokerError>> {
-        let until = now_ms().saturating_add(ttl.as_millis() as u64);
-        let mut presence = lock(&self.shared.presence);
-        let node = presence.node_index(node);
-        for (channel, count) in counts {
-            let key = (channel.clone(), node);
-            if *count == 0 {
-                presence.counts.remove(&key);
-            } else {
-                presence.counts.insert(key, (*count, until));
-            }
-        }
-        drop(presence);
-        Box::pin(async { Ok(()) })
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        let now = now_ms();
+        let until = now.saturating_add(ttl.as_millis() as u64);
+        let alive = lock(&self.shared.presence).report(node, changes, now, until);
+        Box::pin(async move { Ok(alive) })
     }
 
     fn presence<'a>(
@@ -380,5 +384,26 @@ mod tests {
             broker.history_after(&ch, id, 10).await,
             Ok(History::Gap)
         ));
+    }
+
+    #[test]
+    fn presence_counts_live_nodes_and_a_lapsed_node_starts_over() {
+        let alice = Channel::parse("user:alice").expect("valid");
+        let bob = Channel::parse("user:bob").expect("valid");
+        let mut table = PresenceTable::default();
+        let seen = |t: &PresenceTable, c: &Channel, now| {
+            let p = t.sum(c, now);
+            (p.connections, p.nodes)
+        };
+        assert!(!table.report("a", &[(alice.clone(), 2), (bob.clone(), 1)], 0, 10));
+        assert!(!table.report("b", &[(alice.clone(), 3)], 0, 20));
+        assert_eq!(seen(&table, &alice, 5), (5, 2));
+        assert!(table.report("a", &[(bob.clone(), 0)], 5, 15), "still alive");
+        assert_eq!(seen(&table, &bob, 5), (0, 0));
+        // Node a's table lapses at 15: it no longer counts, and its next
+        // report says so and drops what it had.
+        assert_eq!(seen(&table, &alice, 16), (3, 1));
+        assert!(!table.report("a", &[], 16, 30));
+        assert_eq!(seen(&table, &alice, 17), (3, 1), "a's old count is gone");
     }
 }

@@ -135,20 +135,26 @@ pub(crate) trait Store: Send + Sync + 'static {
         user: &'a Channel,
     ) -> BoxFuture<'a, Result<Option<u64>, BrokerError>>;
 
-    /// Records node `node`'s connection count on each channel, each fresh
-    /// for `ttl`; a count of 0 removes the node's entry. Redis, per
-    /// channel (single-key commands, pipelined): `HSET
-    /// <prefix>:{<channel>}:presence <node> "<count>:<fresh until, ms>"` and
-    /// `PEXPIRE` of that key by `ttl`, or `HDEL` for 0.
+    /// Applies node `node`'s changed connection counts (a count of 0
+    /// removes the channel from its table) and keeps the node's table alive
+    /// for `ttl` more. Returns `false` if the table had already lapsed (the
+    /// node was cut off for longer than `ttl`, or Redis lost it): the caller
+    /// then reports every count again. Redis: one hash per node,
+    /// `<prefix>:{presence:<node>}` (channel → count: `HSET`/`HDEL`, then
+    /// `PEXPIRE`), and the live nodes in the sorted set
+    /// `<prefix>:{presence}:nodes` (node → lapses at, ms). So a node's cost
+    /// is its changes plus three commands per refresh, not a write per
+    /// channel it holds.
     fn report_presence<'a>(
         &'a self,
         node: &'a str,
-        counts: &'a [(Channel, usize)],
+        changes: &'a [(Channel, usize)],
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+    ) -> BoxFuture<'a, Result<bool, BrokerError>>;
 
-    /// The channel's connections and nodes holding any, over every node's
-    /// still-fresh entry. Redis: one `HGETALL` of the presence hash.
+    /// The channel's connections and nodes holding any, over every node
+    /// whose table is still alive. Redis: the live nodes from the sorted
+    /// set, then one `HGET` of each node's table.
     fn presence<'a>(&'a self, channel: &'a Channel)
         -> BoxFuture<'a, Result<Presence, BrokerError>>;
 }
@@ -162,28 +168,14 @@ pub struct Presence {
     pub nodes: usize,
 }
 
-/// One node's presence entry as stored: `"<count>:<fresh until, ms>"`.
-pub(crate) fn encode_presence(count: usize, fresh_until_ms: u64) -> String {
-    format!("{count}:{fresh_until_ms}")
-}
-
-/// Sums presence entries (as [`encode_presence`] wrote them) still fresh at
-/// `now_ms`; malformed ones are skipped.
-pub(crate) fn sum_presence<'a>(entries: impl Iterator<Item = &'a str>, now_ms: u64) -> Presence {
-    let mut presence = Presence::default();
-    for entry in entries {
-        let Some((count, until)) = entry.split_once(':') else {
-            continue;
-        };
-        let (Ok(count), Ok(until)) = (count.parse::<usize>(), until.parse::<u64>()) else {
-            continue;
-        };
-        if until > now_ms && count > 0 {
-            presence.connections = presence.connections.saturating_add(count);
-            presence.nodes += 1;
+impl Presence {
+    /// Adds one live node's count (a node with 0 holds none).
+    pub(crate) fn add(&mut self, count: usize) {
+        if count > 0 {
+            self.connections = self.connections.saturating_add(count);
+            self.nodes += 1;
         }
     }
-    presence
 }
 
 /// The backbone a node publishes to and subscribes through.
@@ -198,30 +190,4 @@ pub(crate) trait Broker: Store {
 
     /// Whether the broker is connected (readiness).
     fn is_connected(&self) -> bool;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn presence_sums_fresh_entries_and_skips_stale_or_malformed_ones() {
-        let entries = [
-            encode_presence(2, 2_000),
-            encode_presence(3, 5_000),
-            encode_presence(7, 999),
-            encode_presence(0, 5_000),
-            "garbage".into(),
-            "1:".into(),
-            "-1:5000".into(),
-        ];
-        let presence = sum_presence(entries.iter().map(String::as_str), 1_000);
-        assert_eq!(
-            presence,
-            Presence {
-                connections: 5,
-                nodes: 2
-            }
-        );
-    }
 }

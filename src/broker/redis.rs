@@ -34,8 +34,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    encode_presence, sum_presence, BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry,
-    History, Page, Presence, Store,
+    BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Page, Presence, Store,
 };
 use crate::channel::Channel;
 use crate::config::BackboneArgs;
@@ -155,6 +154,8 @@ fn settle<T>(
 
 /// Channels per presence pipeline.
 const PRESENCE_BATCH: usize = 500;
+/// Most nodes a presence read asks (a bound on what the sorted set holds).
+const MAX_PRESENCE_NODES: usize = 1024;
 
 /// What can be sent to Redis on a pooled connection.
 pub(super) enum Request<'a> {
@@ -442,46 +443,79 @@ impl RedisStore {
     async fn write_presence(
         &self,
         node: &str,
-        counts: &[(Channel, usize)],
+        changes: &[(Channel, usize)],
         ttl: Duration,
-    ) -> Result<(), BrokerError> {
-        let until = envelope::now_ms().saturating_add(ttl.as_millis() as u64);
-        let ttl_ms = ttl.as_millis().max(1) as u64;
-        // On a cluster a pipeline must stay within one slot: one channel's
-        // key (one hash tag) per pipeline there.
-        let batch_size = match self.backend {
-            Backend::Single(_) => PRESENCE_BATCH,
-            Backend::Cluster(_) => 1,
-        };
-        for batch in counts.chunks(batch_size) {
+    ) -> Result<bool, BrokerError> {
+        let prefix = &self.config.prefix;
+        let table = presence_table_key(prefix, node);
+        let ttl_ms = ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
+        // The first PEXPIRE answers whether the table was still there; the
+        // commands of a batch all name one key, so they share a slot.
+        let mut alive = true;
+        let mut batches = changes.chunks(PRESENCE_BATCH).peekable();
+        let first: &[(Channel, usize)] = batches.peek().copied().unwrap_or(&[]);
+        for (i, batch) in std::iter::once(first).chain(batches.skip(1)).enumerate() {
             let mut pipe = redis::pipe();
+            if i == 0 {
+                pipe.pexpire(&table, ttl_ms);
+            }
             for (channel, count) in batch {
-                let key = channel.presence_key(&self.config.prefix);
                 if *count == 0 {
-                    pipe.hdel(&key, node).ignore();
+                    pipe.hdel(&table, channel.as_str()).ignore();
                 } else {
-                    pipe.hset(&key, node, encode_presence(*count, until))
-                        .ignore()
-                        .pexpire(&key, ttl_ms as i64)
-                        .ignore();
+                    pipe.hset(&table, channel.as_str(), *count).ignore();
                 }
             }
-            self.query::<()>(Request::Pipe(&pipe), "presence report")
-                .await?;
+            pipe.pexpire(&table, ttl_ms).ignore();
+            if i == 0 {
+                let (found,): (i64,) = self.query(Request::Pipe(&pipe), "presence report").await?;
+                alive = found == 1;
+            } else {
+                self.query::<()>(Request::Pipe(&pipe), "presence report")
+                    .await?;
+            }
         }
-        Ok(())
+        // The live nodes, for readers; nodes gone for a minute are pruned.
+        let now = envelope::now_ms() as i64;
+        let nodes = presence_nodes_key(prefix);
+        let mut pipe = redis::pipe();
+        pipe.zadd(&nodes, node, now.saturating_add(ttl_ms))
+            .ignore()
+            .zrembyscore(&nodes, "-inf", now - 60_000)
+            .ignore();
+        self.query::<()>(Request::Pipe(&pipe), "presence report")
+            .await?;
+        Ok(alive)
     }
 
     async fn read_presence(&self, channel: &Channel) -> Result<Presence, BrokerError> {
-        let mut cmd = redis::cmd("HGETALL");
-        cmd.arg(channel.presence_key(&self.config.prefix));
-        let nodes: std::collections::HashMap<String, String> =
-            self.query(Request::Cmd(&cmd), "presence read").await?;
-        Ok(sum_presence(
-            nodes.values().map(String::as_str),
-            envelope::now_ms(),
-        ))
+        let prefix = &self.config.prefix;
+        let mut live = redis::cmd("ZRANGEBYSCORE");
+        live.arg(presence_nodes_key(prefix))
+            .arg(format!("({}", envelope::now_ms()))
+            .arg("+inf");
+        let nodes: Vec<String> = self.query(Request::Cmd(&live), "presence read").await?;
+        let mut presence = Presence::default();
+        for node in nodes.iter().take(MAX_PRESENCE_NODES) {
+            let mut cmd = redis::cmd("HGET");
+            cmd.arg(presence_table_key(prefix, node))
+                .arg(channel.as_str());
+            let count: Option<String> = self.query(Request::Cmd(&cmd), "presence read").await?;
+            // Anything but a count (someone else wrote the key) counts as 0.
+            presence.add(count.and_then(|c| c.parse().ok()).unwrap_or(0));
+        }
+        Ok(presence)
     }
+}
+
+/// A node's presence table: `<prefix>:{presence:<node>}` (its own slot).
+fn presence_table_key(prefix: &str, node: &str) -> String {
+    format!("{prefix}:{{presence:{node}}}")
+}
+
+/// The live nodes: `<prefix>:{presence}:nodes`.
+fn presence_nodes_key(prefix: &str) -> String {
+    format!("{prefix}:{{presence}}:nodes")
 }
 
 /// Turns the history script's reply into [`History`]; `None` if malformed.
@@ -614,10 +648,10 @@ impl Store for RedisStore {
     fn report_presence<'a>(
         &'a self,
         node: &'a str,
-        counts: &'a [(Channel, usize)],
+        changes: &'a [(Channel, usize)],
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), BrokerError>> {
-        Box::pin(self.write_presence(node, counts, ttl))
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        Box::pin(self.write_presence(node, changes, ttl))
     }
 
     fn presence<'a>(
@@ -747,10 +781,10 @@ impl Store for RedisBroker {
     fn report_presence<'a>(
         &'a self,
         node: &'a str,
-        counts: &'a [(Channel, usize)],
+        changes: &'a [(Channel, usize)],
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), BrokerError>> {
-        self.store.report_presence(node, counts, ttl)
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        self.store.report_presence(node, changes, ttl)
     }
 
     fn presence<'a>(
