@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use crate::auth::{unix_now, Claims};
 use crate::broker::{Broker, BrokerError, Store};
 use crate::channel::Channel;
-use crate::envelope::Envelope;
+use crate::envelope::{now_ms, Envelope};
 use crate::hub::Hub;
 use crate::metrics;
 use crate::sse;
@@ -71,7 +71,10 @@ pub(crate) enum RevocationError {
 }
 
 /// user → (revocation cutoff if any, when this node read or learned it).
-type Known = HashMap<Box<str>, (Option<u64>, Instant)>;
+/// User → (revocation cutoff, 0 for none; when it was read, ms since the
+/// epoch). Two words per user: a node holds one entry per user who
+/// connected within the recheck interval, and up to [`REVOCATION_CACHE`].
+type Known = HashMap<Box<str>, (u64, u64)>;
 
 /// Cheap clonable handle to the node's control side.
 #[derive(Clone)]
@@ -112,14 +115,15 @@ impl Control {
     fn learn(&self, user: &str, cutoff: Option<u64>) {
         let mut known = self.known();
         if known.len() >= REVOCATION_CACHE && !known.contains_key(user) {
-            known.retain(|_, (_, read)| read.elapsed() < REVOCATION_RECHECK);
+            let now = now_ms();
+            known.retain(|_, (_, read)| fresh(*read, now));
             if known.len() >= REVOCATION_CACHE {
                 known.clear();
             }
         }
-        let entry = known.entry(user.into()).or_insert((None, Instant::now()));
-        entry.0 = entry.0.max(cutoff);
-        entry.1 = Instant::now();
+        let entry = known.entry(user.into()).or_insert((0, 0));
+        entry.0 = entry.0.max(cutoff.unwrap_or(0));
+        entry.1 = now_ms();
     }
 
     /// Refuses a token issued before its user's revocation. A token
@@ -128,8 +132,8 @@ impl Control {
         let cached = self
             .known()
             .get(claims.sub.as_str())
-            .filter(|(_, read)| read.elapsed() < REVOCATION_RECHECK)
-            .map(|(cutoff, _)| *cutoff);
+            .filter(|(_, read)| fresh(*read, now_ms()))
+            .map(|(cutoff, _)| (*cutoff > 0).then_some(*cutoff));
         let cutoff = match cached {
             Some(cutoff) => cutoff,
             None => {
@@ -237,4 +241,9 @@ fn parse_disconnect(payload: &[u8]) -> Option<(Channel, Disconnect)> {
         message.reason = String::from("disconnected");
     }
     Some((user, message))
+}
+
+/// Whether a revocation state read at `read_ms` is recent enough to trust.
+fn fresh(read_ms: u64, now_ms: u64) -> bool {
+    now_ms.saturating_sub(read_ms) < REVOCATION_RECHECK.as_millis() as u64
 }
