@@ -15,7 +15,7 @@
 //! connections cannot overload the application.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -25,11 +25,12 @@ use tokio::sync::{watch, Semaphore};
 use crate::auth::{unix_now, Claims, MAX_SUB_LEN};
 use crate::fetch::Fetcher;
 use crate::metrics;
+use crate::sync::lock;
 
 /// Most auth calls in flight at once per node.
-pub const MAX_CONCURRENT_CALLS: usize = 32;
+pub(crate) const MAX_CONCURRENT_CALLS: usize = 32;
 /// Most cookie headers whose answer is cached.
-pub const CACHE_CAPACITY: usize = 4096;
+pub(crate) const CACHE_CAPACITY: usize = 4096;
 /// Longest cookie header whose answer is cached (longer ones always ask).
 const MAX_CACHED_COOKIE: usize = 4096;
 /// Largest answer body read from the application.
@@ -41,7 +42,7 @@ const NO_EXPIRY: u64 = u32::MAX as u64;
 
 /// What the application decided (or that it could not be asked).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AppAuthError {
+pub(crate) enum AppAuthError {
     /// It answered 401.
     #[error("session not accepted")]
     Unauthorized,
@@ -65,7 +66,7 @@ struct Grant {
 }
 
 /// Asks the application who a session cookie belongs to.
-pub struct AppAuth {
+pub(crate) struct AppAuth {
     fetcher: Fetcher,
     timeout: Duration,
     cache_ttl: Duration,
@@ -97,13 +98,9 @@ impl std::fmt::Debug for AppAuth {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl AppAuth {
     /// A client for `url`; fails on a URL that is not http(s).
-    pub fn new(
+    pub(crate) fn new(
         url: &str,
         timeout: Duration,
         cache_ttl: Duration,
@@ -119,7 +116,7 @@ impl AppAuth {
     }
 
     /// The claims for a request's session; `None` when it has no cookie.
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Option<Outcome> {
+    pub(crate) async fn authenticate(&self, headers: &HeaderMap) -> Option<Outcome> {
         let cookie = headers.get(header::COOKIE)?.to_str().ok()?;
         if cookie.trim().is_empty() {
             return None;

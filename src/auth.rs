@@ -18,7 +18,7 @@ use crate::channel::{any_pattern_allows, Channel};
 use crate::config::KeyConfig;
 
 /// Longest accepted `sub`, in bytes.
-pub const MAX_SUB_LEN: usize = 256;
+pub(crate) const MAX_SUB_LEN: usize = 256;
 
 /// The claims Herald reads. Unknown claims are ignored; `nbf`, `iss` and
 /// `aud` (a string or a list, per RFC 7519) are checked by jsonwebtoken's
@@ -46,18 +46,18 @@ pub struct Claims {
 
 impl Claims {
     /// Whether the token allows subscribing to topic `name`.
-    pub fn allows_topic(&self, name: &str) -> bool {
+    pub(crate) fn allows_topic(&self, name: &str) -> bool {
         any_pattern_allows(&self.topics, name)
     }
 
     /// Whether the token allows publishing to the full channel name.
-    pub fn allows_publish(&self, channel: &str) -> bool {
+    pub(crate) fn allows_publish(&self, channel: &str) -> bool {
         any_pattern_allows(&self.publish, channel)
     }
 
     /// Whether a subscriber with this token may read `channel`: its own
     /// user channel, `broadcast`, or a topic it allows (the `/events` rule).
-    pub fn allows_reading(&self, channel: &Channel) -> bool {
+    pub(crate) fn allows_reading(&self, channel: &Channel) -> bool {
         let name = channel.as_str();
         if let Some(user) = name.strip_prefix("user:") {
             return user == self.sub;
@@ -95,7 +95,7 @@ pub enum AuthError {
 
 /// Why the key configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     /// The PEM file could not be read.
     #[error("cannot read --jwt-public-key {path}")]
     Read {
@@ -151,7 +151,7 @@ struct Key {
 /// `nbf` already passed) is fixed by the text. Failures are never
 /// remembered, so only validly signed tokens take room; when the cache is
 /// full it starts over.
-pub struct Verifier {
+pub(crate) struct Verifier {
     keys: Vec<Key>,
     /// Keys from `--jwt-jwks-url`, when configured.
     jwks: Option<Jwks>,
@@ -169,7 +169,7 @@ const MAX_JWKS_BODY: usize = 256 * 1024;
 /// One JWKS fetch may take this long.
 const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
 /// An unknown `kid` refetches the JWKS at most this often.
-pub const JWKS_REFETCH_MIN: Duration = Duration::from_secs(10);
+pub(crate) const JWKS_REFETCH_MIN: Duration = Duration::from_secs(10);
 /// Until the first fetch succeeded, it is retried this often.
 const JWKS_RETRY: Duration = Duration::from_secs(1);
 
@@ -223,14 +223,18 @@ impl Verifier {
     /// Builds a verifier from every configured secret and PEM key; `secret`
     /// replaces the configured secrets (for the generated demo secret).
     /// Fails on unreadable or unrecognised keys, or when there is none.
-    pub fn new(keys: &KeyConfig, secret: Option<&str>) -> Result<Verifier, KeyError> {
+    pub(crate) fn new(keys: &KeyConfig, secret: Option<&str>) -> Result<Verifier, KeyError> {
         Self::build(keys, secret, None)
     }
 
     /// Like [`Verifier::new`], also verifying with the keys of a JWKS
     /// endpoint (then static keys are optional). Run
     /// [`Verifier::keep_jwks_fresh`] to fetch them.
-    pub fn with_jwks(keys: &KeyConfig, url: &str, refresh: Duration) -> Result<Verifier, KeyError> {
+    pub(crate) fn with_jwks(
+        keys: &KeyConfig,
+        url: &str,
+        refresh: Duration,
+    ) -> Result<Verifier, KeyError> {
         let fetcher = crate::fetch::Fetcher::new(url).map_err(|e| KeyError::Jwks(e.to_string()))?;
         Self::build(
             keys,
@@ -293,7 +297,7 @@ impl Verifier {
     }
 
     /// False until the first JWKS fetch succeeded (always true without one).
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.jwks
             .as_ref()
             .is_none_or(|j| j.fetched.load(std::sync::atomic::Ordering::Acquire))
@@ -320,10 +324,7 @@ impl Verifier {
             .filter_map(|jwk| self.jwk_key(jwk))
             .collect();
         let count = keys.len();
-        *jwks
-            .keys
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+        *crate::sync::write(&jwks.keys) = Arc::new(keys);
         jwks.fetched
             .store(true, std::sync::atomic::Ordering::Release);
         self.remembered().clear();
@@ -360,7 +361,7 @@ impl Verifier {
     /// Fetches the JWKS until it first succeeds, then every
     /// `--jwt-jwks-refresh`, logging and counting every outcome. Returns
     /// at once without a JWKS; otherwise runs until the process ends.
-    pub async fn keep_jwks_fresh(self: Arc<Self>) {
+    pub(crate) async fn keep_jwks_fresh(self: Arc<Self>) {
         let Some(jwks) = &self.jwks else {
             return;
         };
@@ -395,7 +396,7 @@ impl Verifier {
     /// For a token naming a `kid` no key has: refetches the JWKS unless a
     /// fetch started less than [`JWKS_REFETCH_MIN`] ago. Returns whether
     /// it fetched new keys (then verifying again is worth it).
-    pub async fn refetch_for_unknown_kid(&self) -> bool {
+    pub(crate) async fn refetch_for_unknown_kid(&self) -> bool {
         let Some(jwks) = &self.jwks else {
             return false;
         };
@@ -408,7 +409,7 @@ impl Verifier {
     }
 
     /// Verifies a token and checks its `sub`.
-    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
+    pub(crate) fn verify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
         self.verify_at(token, unix_now())
     }
 
@@ -448,11 +449,7 @@ impl Verifier {
             _ => AuthError::Invalid("malformed"),
         })?;
         let fetched: Arc<Vec<Key>> = match &self.jwks {
-            Some(jwks) => jwks
-                .keys
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone(),
+            Some(jwks) => crate::sync::read(&jwks.keys).clone(),
             None => Arc::new(Vec::new()),
         };
         let named: Vec<&Key> = match &header.kid {
@@ -611,7 +608,7 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Seconds since the epoch (0 for a clock before it).
-pub fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 /// Longest channel name accepted, in bytes, not counting the `user:` or
 /// `topic:` prefix (so every valid `sub`, up to 256 bytes, has a channel).
-pub const MAX_CHANNEL_LEN: usize = 256;
+pub(crate) const MAX_CHANNEL_LEN: usize = 256;
 
 /// The name of Herald's own channel between nodes (disconnects,
 /// revocations). [`Channel::parse`] refuses it, so no client can subscribe
@@ -112,12 +112,24 @@ impl Channel {
     /// Redis pub/sub channel: `<prefix>:{<channel>}`. The braces are a hash
     /// tag so the channel and its history stream share a cluster slot.
     pub fn pubsub_key(&self, prefix: &str) -> String {
-        format!("{prefix}:{{{}}}", self.0)
+        self.key(prefix, "")
     }
 
     /// Redis history stream: `<prefix>:{<channel>}:h`.
     pub fn history_key(&self, prefix: &str) -> String {
-        format!("{prefix}:{{{}}}:h", self.0)
+        self.key(prefix, ":h")
+    }
+
+    /// `<prefix>:{<channel>}<suffix>`, built without the formatting
+    /// machinery: every publish makes two.
+    fn key(&self, prefix: &str, suffix: &str) -> String {
+        let mut key = String::with_capacity(prefix.len() + self.0.len() + suffix.len() + 3);
+        key.push_str(prefix);
+        key.push_str(":{");
+        key.push_str(&self.0);
+        key.push('}');
+        key.push_str(suffix);
+        key
     }
 
     /// Recovers the channel from a pub/sub key made by [`Channel::pubsub_key`].
@@ -137,12 +149,6 @@ impl Channel {
     pub fn revocation_key(&self, prefix: &str) -> String {
         format!("{prefix}:{{{}}}:revoked", self.0)
     }
-
-    /// Redis hash of a channel's presence counts, one field per node:
-    /// `<prefix>:{<channel>}:presence`.
-    pub fn presence_key(&self, prefix: &str) -> String {
-        format!("{prefix}:{{{}}}:presence", self.0)
-    }
 }
 
 impl fmt::Display for Channel {
@@ -159,7 +165,7 @@ impl fmt::Debug for Channel {
 
 /// Whether a claim pattern allows `name`: an exact match, or a trailing `*`
 /// that matches any suffix (`orders.*` allows `orders.1`; `*` allows all).
-pub fn pattern_allows(pattern: &str, name: &str) -> bool {
+pub(crate) fn pattern_allows(pattern: &str, name: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => name.starts_with(prefix),
         None => pattern == name,
@@ -167,7 +173,7 @@ pub fn pattern_allows(pattern: &str, name: &str) -> bool {
 }
 
 /// Whether any of `patterns` allows `name`.
-pub fn any_pattern_allows(patterns: &[String], name: &str) -> bool {
+pub(crate) fn any_pattern_allows(patterns: &[String], name: &str) -> bool {
     patterns.iter().any(|p| pattern_allows(p, name))
 }
 

@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -29,23 +29,23 @@ use tokio::sync::mpsc;
 use crate::auth::{unix_now, Claims};
 use crate::broker::{Broker, BrokerError, Store};
 use crate::channel::Channel;
-use crate::envelope::Envelope;
+use crate::envelope::{now_ms, Envelope};
 use crate::hub::Hub;
 use crate::metrics;
 use crate::sse;
 
 /// How long a node trusts what it read about a user's revocation.
-pub const REVOCATION_RECHECK: Duration = Duration::from_secs(10);
+pub(crate) const REVOCATION_RECHECK: Duration = Duration::from_secs(10);
 /// Most users whose revocation state a node remembers; when full, entries
 /// past their recheck are dropped, and if that is not enough, all.
 const REVOCATION_CACHE: usize = 100_000;
 /// Control messages waiting for the control task; beyond it they are
 /// dropped (logged): each is a disconnect an operator can repeat.
-pub const CONTROL_QUEUE: usize = 1024;
+pub(crate) const CONTROL_QUEUE: usize = 1024;
 /// Largest control message accepted from the broker.
 const MAX_CONTROL_PAYLOAD: usize = 4096;
 /// Longest `reason` shown to the disconnected clients, in bytes.
-pub const MAX_REASON_LEN: usize = 256;
+pub(crate) const MAX_REASON_LEN: usize = 256;
 
 /// The control channel's `disconnect` message.
 #[derive(Debug, Serialize, Deserialize)]
@@ -61,7 +61,7 @@ struct Disconnect {
 
 /// Why a token was refused by [`Control::check_revocation`].
 #[derive(Debug, thiserror::Error)]
-pub enum RevocationError {
+pub(crate) enum RevocationError {
     /// The user was logged out after this token was issued.
     #[error("token revoked")]
     Revoked,
@@ -71,11 +71,14 @@ pub enum RevocationError {
 }
 
 /// user → (revocation cutoff if any, when this node read or learned it).
-type Known = HashMap<Box<str>, (Option<u64>, Instant)>;
+/// User → (revocation cutoff, 0 for none; when it was read, ms since the
+/// epoch). Two words per user: a node holds one entry per user who
+/// connected within the recheck interval, and up to [`REVOCATION_CACHE`].
+type Known = HashMap<Box<str>, (u64, u64)>;
 
 /// Cheap clonable handle to the node's control side.
 #[derive(Clone)]
-pub struct Control {
+pub(crate) struct Control {
     shared: Arc<Shared>,
 }
 
@@ -90,7 +93,7 @@ struct Shared {
 
 impl Control {
     /// The control side of the node whose hub is `hub`.
-    pub fn new(hub: Hub, revocation_ttl: Duration) -> Control {
+    pub(crate) fn new(hub: Hub, revocation_ttl: Duration) -> Control {
         Control {
             shared: Arc::new(Shared {
                 hub,
@@ -105,35 +108,32 @@ impl Control {
     }
 
     fn known(&self) -> MutexGuard<'_, Known> {
-        // The map is valid whatever a panicking holder left behind.
-        self.shared
-            .known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.shared.known)
     }
 
     /// Remembers `user`'s revocation cutoff (the newest one wins).
     fn learn(&self, user: &str, cutoff: Option<u64>) {
         let mut known = self.known();
         if known.len() >= REVOCATION_CACHE && !known.contains_key(user) {
-            known.retain(|_, (_, read)| read.elapsed() < REVOCATION_RECHECK);
+            let now = now_ms();
+            known.retain(|_, (_, read)| fresh(*read, now));
             if known.len() >= REVOCATION_CACHE {
                 known.clear();
             }
         }
-        let entry = known.entry(user.into()).or_insert((None, Instant::now()));
-        entry.0 = entry.0.max(cutoff);
-        entry.1 = Instant::now();
+        let entry = known.entry(user.into()).or_insert((0, 0));
+        entry.0 = entry.0.max(cutoff.unwrap_or(0));
+        entry.1 = now_ms();
     }
 
     /// Refuses a token issued before its user's revocation. A token
     /// without `iat` counts as issued at 0.
-    pub async fn check_revocation(&self, claims: &Claims) -> Result<(), RevocationError> {
+    pub(crate) async fn check_revocation(&self, claims: &Claims) -> Result<(), RevocationError> {
         let cached = self
             .known()
             .get(claims.sub.as_str())
-            .filter(|(_, read)| read.elapsed() < REVOCATION_RECHECK)
-            .map(|(cutoff, _)| *cutoff);
+            .filter(|(_, read)| fresh(*read, now_ms()))
+            .map(|(cutoff, _)| (*cutoff > 0).then_some(*cutoff));
         let cutoff = match cached {
             Some(cutoff) => cutoff,
             None => {
@@ -154,7 +154,7 @@ impl Control {
     /// (data `{"reason": reason}`); with `revoke`, also refuses their tokens
     /// issued before now on every node for `--revocation-ttl`. Returns how
     /// many connections it ended on this node.
-    pub async fn disconnect(
+    pub(crate) async fn disconnect(
         &self,
         user: &Channel,
         sub: &str,
@@ -179,7 +179,7 @@ impl Control {
 
     /// Carries out the control messages the hub hands over, until the hub
     /// drops its sender. Malformed ones are dropped and counted as invalid.
-    pub async fn run(self, mut incoming: mpsc::Receiver<Bytes>) {
+    pub(crate) async fn run(self, mut incoming: mpsc::Receiver<Bytes>) {
         while let Some(payload) = incoming.recv().await {
             match parse_disconnect(&payload) {
                 Some((user, message)) => {
@@ -201,7 +201,7 @@ impl Control {
 /// Stores `user`'s revocation (cutoff and TTL) if given, then tells every
 /// node to disconnect the user: what `POST /disconnect` does beyond this
 /// node, and all an app service does through [`crate::Publisher`].
-pub async fn send_disconnect(
+pub(crate) async fn send_disconnect(
     store: &dyn Store,
     user: &Channel,
     reason: &str,
@@ -241,4 +241,9 @@ fn parse_disconnect(payload: &[u8]) -> Option<(Channel, Disconnect)> {
         message.reason = String::from("disconnected");
     }
     Some((user, message))
+}
+
+/// Whether a revocation state read at `read_ms` is recent enough to trust.
+fn fresh(read_ms: u64, now_ms: u64) -> bool {
+    now_ms.saturating_sub(read_ms) < REVOCATION_RECHECK.as_millis() as u64
 }

@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 pub const MAX_CLOCK_SKEW_MS: u64 = 60_000;
 
 /// Longest event name, in bytes.
-pub const MAX_EVENT_LEN: usize = 64;
+pub(crate) const MAX_EVENT_LEN: usize = 64;
 
 /// A position in a channel's history, in Redis stream-id form `<ms>-<seq>`.
 /// Ordered, so replay and live delivery can be merged without duplicates.
@@ -191,7 +191,7 @@ pub fn encode(id: Option<StreamId>, event: Option<&str>, data: &RawValue, ts: u6
 /// Removes insignificant whitespace from JSON text, keeping key order (a
 /// round trip through `serde_json::Value` would sort keys). Newlines must go:
 /// they would end the SSE `data:` line. Input must be valid JSON.
-pub fn compact_json(json: &str) -> String {
+pub(crate) fn compact_json(json: &str) -> String {
     let mut out = String::with_capacity(json.len());
     let mut in_string = false;
     let mut escaped = false;

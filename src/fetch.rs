@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 
 /// Why a fetch failed.
 #[derive(Debug, thiserror::Error)]
-pub enum FetchError {
+pub(crate) enum FetchError {
     /// Not an absolute `http://` or `https://` URL.
     #[error("not an http:// or https:// URL: {0}")]
     Url(String),
@@ -35,16 +35,16 @@ pub enum FetchError {
 
 /// A complete answer.
 #[derive(Debug)]
-pub struct Fetched {
+pub(crate) struct Fetched {
     /// The status.
-    pub status: StatusCode,
+    pub(crate) status: StatusCode,
     /// The body (at most the limit given).
-    pub body: Bytes,
+    pub(crate) body: Bytes,
 }
 
 /// A client for one configured URL.
 #[derive(Clone)]
-pub struct Fetcher {
+pub(crate) struct Fetcher {
     uri: Uri,
     tls: Option<tokio_rustls::TlsConnector>,
 }
@@ -57,7 +57,7 @@ impl std::fmt::Debug for Fetcher {
 
 impl Fetcher {
     /// A client for `url`; fails on anything but an absolute http(s) URL.
-    pub fn new(url: &str) -> Result<Fetcher, FetchError> {
+    pub(crate) fn new(url: &str) -> Result<Fetcher, FetchError> {
         let uri: Uri = url.parse().map_err(|_| FetchError::Url(url.into()))?;
         let tls = match uri.scheme_str() {
             Some("http") => None,
@@ -72,7 +72,7 @@ impl Fetcher {
 
     /// `GET` of the URL with `headers`, the whole exchange within
     /// `timeout`, the body at most `limit` bytes.
-    pub async fn get(
+    pub(crate) async fn get(
         &self,
         headers: &[(HeaderName, HeaderValue)],
         timeout: Duration,

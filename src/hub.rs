@@ -47,24 +47,24 @@ pub enum LimitError {
 
 /// Limits and sizes the hub enforces.
 #[derive(Debug, Clone)]
-pub struct HubConfig {
+pub(crate) struct HubConfig {
     /// Connections per node.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Connections per user per node.
-    pub max_connections_per_user: usize,
+    pub(crate) max_connections_per_user: usize,
     /// Pending frames per connection before it is cut as slow.
-    pub queue_capacity: usize,
+    pub(crate) queue_capacity: usize,
     /// Largest accepted `data`.
-    pub max_payload: usize,
+    pub(crate) max_payload: usize,
     /// Idle time before a heartbeat comment.
-    pub heartbeat: Duration,
+    pub(crate) heartbeat: Duration,
     /// `--max-connection-age`: each connection is retired after this, ±10 %.
-    pub max_connection_age: Option<Duration>,
+    pub(crate) max_connection_age: Option<Duration>,
 }
 
 /// Cheap clonable handle to the node's fanout.
 #[derive(Clone)]
-pub struct Hub {
+pub(crate) struct Hub {
     shared: Arc<Shared>,
 }
 
@@ -110,7 +110,7 @@ type Link = MailboxRef;
 
 impl Hub {
     /// A hub over `broker`; run [`Hub::dispatch_from`] to feed it.
-    pub fn new(broker: Arc<dyn Broker>, config: HubConfig) -> Hub {
+    pub(crate) fn new(broker: Arc<dyn Broker>, config: HubConfig) -> Hub {
         Hub {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
@@ -122,12 +122,12 @@ impl Hub {
     }
 
     /// The broker behind this hub.
-    pub fn broker(&self) -> &Arc<dyn Broker> {
+    pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
         &self.shared.broker
     }
 
     /// The limits this hub enforces.
-    pub fn config(&self) -> &HubConfig {
+    pub(crate) fn config(&self) -> &HubConfig {
         &self.shared.config
     }
 
@@ -138,7 +138,7 @@ impl Hub {
     /// Registers a connection of `user` on `channels`, subscribing the broker
     /// to channels that had no local connection. Its token expires at
     /// `expires_at_ms`.
-    pub fn connect(
+    pub(crate) fn connect(
         &self,
         user: &str,
         mut channels: Vec<Channel>,
@@ -269,25 +269,25 @@ impl Hub {
 
     /// Notes that a connection starts reading `channel` at `id`, so a refill
     /// after a broker reconnect starts no later than that.
-    pub fn note_position(&self, channel: &Channel, id: StreamId) {
+    pub(crate) fn note_position(&self, channel: &Channel, id: StreamId) {
         if let Some(subscribers) = self.state().channels.get_mut(channel) {
             subscribers.last_id = subscribers.last_id.max(id);
         }
     }
 
     /// Number of open connections.
-    pub fn connection_count(&self) -> usize {
+    pub(crate) fn connection_count(&self) -> usize {
         self.state().mailboxes.len()
     }
 
     /// Whether [`Hub::drain`] was called.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.state().draining
     }
 
     /// Starts draining: new connections are refused, and every open one
     /// ends its stream with a `retry:` (after what is already queued).
-    pub fn drain(&self) {
+    pub(crate) fn drain(&self) {
         let mut state = self.state();
         state.draining = true;
         for mailbox in state.mailboxes.values() {
@@ -299,7 +299,7 @@ impl Hub {
     /// times per heartbeat interval (at most once a second), until the hub
     /// is dropped. One task for all connections instead of two timers
     /// each: no timer-wheel work per delivery.
-    pub async fn sweep(self) {
+    pub(crate) async fn sweep(self) {
         let heartbeat = self.shared.config.heartbeat;
         let period = (heartbeat / 4).clamp(Duration::from_millis(25), Duration::from_secs(1));
         let heartbeat_ms = heartbeat.as_millis() as u64;
@@ -321,7 +321,7 @@ impl Hub {
     }
 
     /// Fans out one validated frame to every local connection of its channel.
-    pub fn dispatch(&self, mut frame: Frame) {
+    pub(crate) fn dispatch(&self, mut frame: Frame) {
         let mut state = self.state();
         let Some(subscribers) = state.channels.get_mut(&frame.channel) else {
             return;
@@ -353,7 +353,7 @@ impl Hub {
     /// Runs the dispatch loop until the broker's sender is dropped. What
     /// arrives on the control channel goes to `control` (the node's
     /// [`crate::control`] task), never to a connection.
-    pub async fn dispatch_from(
+    pub(crate) async fn dispatch_from(
         self,
         mut deliveries: mpsc::UnboundedReceiver<Delivery>,
         control: mpsc::Sender<Bytes>,
@@ -444,7 +444,7 @@ impl Hub {
     /// Ends every local connection of `user` (its `user:` channel) with
     /// `last` (the `herald.disconnected` event) as its final frame; returns
     /// how many it ended. Connections already ending are not counted again.
-    pub fn close_user(&self, user: &Channel, last: Bytes) -> usize {
+    pub(crate) fn close_user(&self, user: &Channel, last: Bytes) -> usize {
         let state = self.state();
         let Some(subscribers) = state.channels.get(user) else {
             return 0;
@@ -462,38 +462,37 @@ impl Hub {
             .count()
     }
 
-    /// Every channel with local connections and how many (for presence).
-    pub fn channel_counts(&self) -> Vec<(Channel, usize)> {
-        self.state()
-            .channels
-            .values()
-            .map(|s| (s.channel.clone(), s.links.len()))
-            .collect()
+    /// Calls `f` with every channel that has local connections and how
+    /// many (for presence), under the hub's lock: `f` must be quick.
+    pub(crate) fn each_channel_count(&self, mut f: impl FnMut(&Channel, usize)) {
+        for subscribers in self.state().channels.values() {
+            f(&subscribers.channel, subscribers.links.len());
+        }
     }
 }
 
 /// One connection's membership in the hub. Dropping it unregisters the
 /// connection and, for channels it was the last local subscriber of,
 /// unsubscribes the broker.
-pub struct Subscription {
+pub(crate) struct Subscription {
     hub: Hub,
     id: u64,
     user: Arc<str>,
     channels: Vec<Channel>,
     /// Frames for this connection, and how the hub cuts it.
-    pub mailbox: MailboxRef,
+    pub(crate) mailbox: MailboxRef,
     /// Answers still pending when this connection joined.
     live: Vec<Answer>,
 }
 
 impl Subscription {
     /// The channels of this connection.
-    pub fn channels(&self) -> &[Channel] {
+    pub(crate) fn channels(&self) -> &[Channel] {
         &self.channels
     }
 
     /// Waits until every channel's broker subscription is live.
-    pub async fn wait_live(&mut self, timeout: Duration) -> Result<(), BrokerError> {
+    pub(crate) async fn wait_live(&mut self, timeout: Duration) -> Result<(), BrokerError> {
         let wait = async {
             for live in &mut self.live {
                 let answer = live
@@ -513,7 +512,7 @@ impl Subscription {
 
     /// Counts the close of this connection under `reason` (the hub's slow
     /// cut wins over the caller's view).
-    pub fn close_reason(&self, reason: CloseReason) -> CloseReason {
+    pub(crate) fn close_reason(&self, reason: CloseReason) -> CloseReason {
         if self.mailbox.is_slow() {
             CloseReason::Slow
         } else {

@@ -34,7 +34,7 @@ const AGED: u8 = 64;
 
 /// What woke a connection.
 #[derive(Debug)]
-pub enum Wake {
+pub(crate) enum Wake {
     /// A frame to write.
     Frame(Arc<Frame>),
     /// Idle for the heartbeat interval: write a comment.
@@ -53,7 +53,7 @@ pub enum Wake {
 
 /// One connection's queue and flags.
 #[derive(Debug)]
-pub struct Mailbox {
+pub(crate) struct Mailbox {
     /// Frames not yet written. A std mutex: held for a push or a pop only.
     queue: Mutex<VecDeque<Arc<Frame>>>,
     /// The connection task, parked waiting for its next wake.
@@ -76,7 +76,7 @@ pub struct Mailbox {
 impl Mailbox {
     /// A mailbox holding at most `capacity` frames, for a token expiring at
     /// `expires_at_ms` and a connection retired at `retire_at_ms`.
-    pub fn new(capacity: usize, expires_at_ms: u64, retire_at_ms: u64) -> Self {
+    pub(crate) fn new(capacity: usize, expires_at_ms: u64, retire_at_ms: u64) -> Self {
         Mailbox {
             queue: Mutex::new(VecDeque::new()),
             reader: AtomicWaker::new(),
@@ -100,7 +100,7 @@ impl Mailbox {
 
     /// Queues a frame; `false` if the mailbox is full (the caller cuts the
     /// connection as slow).
-    pub fn push(&self, frame: Arc<Frame>) -> bool {
+    pub(crate) fn push(&self, frame: Arc<Frame>) -> bool {
         if self.flags.load(Ordering::Acquire) & DISCONNECTED != 0 {
             // Ending after its last frame: nothing more goes out.
             return true;
@@ -117,7 +117,7 @@ impl Mailbox {
     }
 
     /// The next queued frame, if any.
-    pub fn try_pop(&self) -> Option<Arc<Frame>> {
+    pub(crate) fn try_pop(&self) -> Option<Arc<Frame>> {
         let mut queue = self.queue();
         let frame = queue.pop_front();
         if queue.is_empty() && queue.capacity() > SHRINK_ABOVE {
@@ -155,7 +155,7 @@ impl Mailbox {
     }
 
     /// Waits for the next reason to act.
-    pub async fn next(&self) -> Wake {
+    pub(crate) async fn next(&self) -> Wake {
         poll_fn(|cx| {
             if let Some(wake) = self.check() {
                 return Poll::Ready(wake);
@@ -173,7 +173,7 @@ impl Mailbox {
 
     /// Resolves once the connection is killed (for a task blocked on a
     /// write to a client that stopped reading).
-    pub async fn killed(&self) {
+    pub(crate) async fn killed(&self) {
         poll_fn(|cx| {
             if self.is_killed() {
                 return Poll::Ready(());
@@ -189,14 +189,14 @@ impl Mailbox {
     }
 
     /// Records a write, postponing the next heartbeat.
-    pub fn wrote(&self) {
+    pub(crate) fn wrote(&self) {
         self.last_write_ms.store(now_ms(), Ordering::Relaxed);
     }
 
     /// For the sweep: raises the heartbeat flag if idle for `heartbeat_ms`,
     /// the expiry flag once the token expired, and the age flag once the
     /// connection is old enough.
-    pub fn sweep(&self, now_ms: u64, heartbeat_ms: u64) {
+    pub(crate) fn sweep(&self, now_ms: u64, heartbeat_ms: u64) {
         if now_ms >= self.expires_at_ms {
             if self.flags.load(Ordering::Relaxed) & EXPIRED == 0 {
                 self.raise(EXPIRED);
@@ -214,12 +214,12 @@ impl Mailbox {
     }
 
     /// Ends the connection's stream with a drain `retry:`.
-    pub fn shut_down(&self) {
+    pub(crate) fn shut_down(&self) {
         self.raise(SHUTDOWN);
     }
 
     /// Closes the connection now.
-    pub fn kill(&self) {
+    pub(crate) fn kill(&self) {
         self.raise(KILLED);
         self.writer.wake();
     }
@@ -227,7 +227,7 @@ impl Mailbox {
     /// Ends the stream after what is queued and then `last` (one frame
     /// beyond the capacity: it is the last). `false` if the connection was
     /// already killed or disconnected.
-    pub fn disconnect(&self, last: Arc<Frame>) -> bool {
+    pub(crate) fn disconnect(&self, last: Arc<Frame>) -> bool {
         if self.flags.load(Ordering::Acquire) & (KILLED | DISCONNECTED) != 0 {
             return false;
         }
@@ -237,24 +237,24 @@ impl Mailbox {
     }
 
     /// Marks the connection slow and closes it.
-    pub fn cut_slow(&self) {
+    pub(crate) fn cut_slow(&self) {
         self.flags.fetch_or(SLOW, Ordering::AcqRel);
         self.kill();
     }
 
     /// Whether the connection was killed.
-    pub fn is_killed(&self) -> bool {
+    pub(crate) fn is_killed(&self) -> bool {
         self.flags.load(Ordering::Acquire) & KILLED != 0
     }
 
     /// Whether the hub cut this connection as slow.
-    pub fn is_slow(&self) -> bool {
+    pub(crate) fn is_slow(&self) -> bool {
         self.flags.load(Ordering::Acquire) & SLOW != 0
     }
 }
 
 /// Shared handle, as held by the hub and the connection.
-pub type MailboxRef = Arc<Mailbox>;
+pub(crate) type MailboxRef = Arc<Mailbox>;
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Why a connection closed (`herald_connections_closed_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
+pub(crate) enum CloseReason {
     /// The client went away (or a write to it failed).
     Client,
     /// Its queue filled up.
@@ -57,7 +57,7 @@ impl CloseReason {
 
 /// Why a connection was refused (`herald_connections_rejected_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
+pub(crate) enum RejectReason {
     /// No or invalid token.
     Auth,
     /// A topic the token does not allow.
@@ -67,39 +67,39 @@ pub enum RejectReason {
 }
 
 /// Pre-resolved handles for every metric.
-pub struct Metrics {
+pub(crate) struct Metrics {
     /// `herald_connections`.
-    pub connections: Gauge,
+    pub(crate) connections: Gauge,
     /// `herald_connections_opened_total`.
-    pub opened: Counter,
+    pub(crate) opened: Counter,
     closed: [Counter; CloseReason::ALL.len()],
     rejected: [Counter; 3],
     /// `herald_messages_published_total`.
-    pub published: Counter,
+    pub(crate) published: Counter,
     /// `herald_messages_received_total`.
-    pub received: Counter,
+    pub(crate) received: Counter,
     /// `herald_messages_delivered_total`.
-    pub delivered: Counter,
+    pub(crate) delivered: Counter,
     /// `herald_messages_invalid_total`.
-    pub invalid: Counter,
+    pub(crate) invalid: Counter,
     /// `herald_delivery_lag_seconds`.
-    pub lag: Histogram,
+    pub(crate) lag: Histogram,
     /// `herald_replayed_messages_total`.
-    pub replayed: Counter,
+    pub(crate) replayed: Counter,
     /// `herald_history_resets_total`.
-    pub resets: Counter,
+    pub(crate) resets: Counter,
     /// `herald_subscribed_channels`.
-    pub subscribed_channels: Gauge,
+    pub(crate) subscribed_channels: Gauge,
     /// `herald_redis_connected`.
-    pub redis_connected: Gauge,
+    pub(crate) redis_connected: Gauge,
     /// `herald_redis_reconnects_total`.
-    pub redis_reconnects: Counter,
+    pub(crate) redis_reconnects: Counter,
     /// `herald_redis_shards`: Redis Cluster shards whose pub/sub answers.
-    pub redis_shards: Gauge,
+    pub(crate) redis_shards: Gauge,
     /// `herald_redis_topology_changes_total`: cluster shape changes seen.
-    pub redis_topology_changes: Counter,
+    pub(crate) redis_topology_changes: Counter,
     /// `herald_disconnects_total`.
-    pub disconnects: Counter,
+    pub(crate) disconnects: Counter,
     /// `herald_jwks_refreshes_total{result="ok"|"error"}`.
     jwks_refreshes: [Counter; 2],
     /// `herald_auth_requests_total{result="ok"|"denied"|"error"}`.
@@ -108,12 +108,12 @@ pub struct Metrics {
 
 impl Metrics {
     /// Counts a closed connection.
-    pub fn closed(&self, reason: CloseReason) {
+    pub(crate) fn closed(&self, reason: CloseReason) {
         self.closed[reason as usize].increment(1);
     }
 
     /// Counts an `--auth-url` call by its result label.
-    pub fn auth_request(&self, result: &str) {
+    pub(crate) fn auth_request(&self, result: &str) {
         let i = match result {
             "ok" => 0,
             "denied" => 1,
@@ -123,12 +123,12 @@ impl Metrics {
     }
 
     /// Counts a JWKS fetch.
-    pub fn jwks_refresh(&self, ok: bool) {
+    pub(crate) fn jwks_refresh(&self, ok: bool) {
         self.jwks_refreshes[usize::from(!ok)].increment(1);
     }
 
     /// Counts a refused connection.
-    pub fn rejected(&self, reason: RejectReason) {
+    pub(crate) fn rejected(&self, reason: RejectReason) {
         self.rejected[reason as usize].increment(1);
     }
 }
@@ -138,7 +138,7 @@ static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the Prometheus recorder (once per process) and returns the
 /// handle that renders `/metrics`.
-pub fn install() -> PrometheusHandle {
+pub(crate) fn install() -> PrometheusHandle {
     RECORDER
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
@@ -230,7 +230,7 @@ fn describe() {
 }
 
 /// The metric handles; call [`install`] first or they record nowhere.
-pub fn get() -> &'static Metrics {
+pub(crate) fn get() -> &'static Metrics {
     METRICS.get_or_init(|| {
         let closed = CloseReason::ALL
             .map(|r| counter!("herald_connections_closed_total", "reason" => r.label()));

@@ -75,7 +75,7 @@ pub struct Publisher {
 impl Publisher {
     /// A publisher into `store` (a node's broker, or a publish-only Redis
     /// store for apps), refusing data over `max_payload` bytes.
-    pub fn new(store: Arc<dyn Store>, max_payload: usize) -> Self {
+    pub(crate) fn new(store: Arc<dyn Store>, max_payload: usize) -> Self {
         Publisher { store, max_payload }
     }
 
@@ -101,7 +101,9 @@ impl Publisher {
         Ok(Publisher::new(Arc::new(store), max_payload))
     }
 
-    /// Validates a message without publishing it.
+    /// Validates a message without publishing it (public for the fuzz
+    /// targets; apps call [`Publisher::publish`], which checks the same).
+    #[doc(hidden)]
     pub fn check(&self, message: Message) -> Result<Checked, PublishError> {
         let channel = Channel::parse(&message.channel)
             .map_err(|e| PublishError::Invalid(format!("channel `{}`: {e}", message.channel)))?;
@@ -133,7 +135,10 @@ impl Publisher {
     }
 
     /// Publishes a validated message; returns its history id.
-    pub async fn publish_checked(&self, message: &Checked) -> Result<StreamId, PublishError> {
+    pub(crate) async fn publish_checked(
+        &self,
+        message: &Checked,
+    ) -> Result<StreamId, PublishError> {
         let id = self
             .store
             .publish(&message.channel, message.event.as_deref(), &message.data)

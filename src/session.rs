@@ -32,18 +32,18 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Settings a session needs from the node.
 #[derive(Debug, Clone)]
-pub struct SessionConfig {
+pub(crate) struct SessionConfig {
     /// This node's id, reported in `herald.ready`.
-    pub node_id: String,
+    pub(crate) node_id: String,
     /// The `retry:` hint.
-    pub retry: Duration,
+    pub(crate) retry: Duration,
     /// Most entries replayed per channel (the history size).
-    pub replay_limit: usize,
+    pub(crate) replay_limit: usize,
 }
 
 /// Why a session could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub(crate) enum StartError {
     /// A connection limit.
     #[error(transparent)]
     Limit(#[from] LimitError),
@@ -53,7 +53,7 @@ pub enum StartError {
 }
 
 /// A running SSE connection.
-pub struct Session {
+pub(crate) struct Session {
     subscription: Subscription,
     /// Position per channel, parallel to `subscription.channels()`; the
     /// cursor is encoded from these.
@@ -68,7 +68,7 @@ pub struct Session {
 impl Session {
     /// Subscribes `claims.sub` to `channels`, replays after `last_event_id`
     /// and prepares the opening bytes.
-    pub async fn start(
+    pub(crate) async fn start(
         hub: &Hub,
         config: &SessionConfig,
         claims: &Claims,
@@ -196,12 +196,12 @@ impl Session {
     }
 
     /// The connection's mailbox (a blocked write waits on its kill).
-    pub fn mailbox(&self) -> &MailboxRef {
+    pub(crate) fn mailbox(&self) -> &MailboxRef {
         &self.subscription.mailbox
     }
 
     /// The next chunk to write, or `None` when the stream ends.
-    pub async fn next_chunk(&mut self) -> Option<Bytes> {
+    pub(crate) async fn next_chunk(&mut self) -> Option<Bytes> {
         if let Some(opening) = self.opening.take() {
             return Some(opening);
         }

@@ -19,7 +19,7 @@ use crate::channel::Channel;
 use crate::envelope::{compact_json, Envelope, StreamId};
 
 /// Longest `Last-Event-ID` we try to decode; anything longer is malformed.
-pub const MAX_CURSOR_LEN: usize = 16 * 1024;
+pub(crate) const MAX_CURSOR_LEN: usize = 16 * 1024;
 
 const CURSOR_VERSION: &str = "v1.";
 
@@ -57,7 +57,7 @@ pub fn encode_message(envelope: &Envelope<'_>) -> Bytes {
 
 /// A control event (`herald.ready`, `herald.reset`, `herald.expired`) with
 /// JSON data, optionally carrying a cursor id.
-pub fn encode_control(event: &str, data: &serde_json::Value, id: Option<&str>) -> Bytes {
+pub(crate) fn encode_control(event: &str, data: &serde_json::Value, id: Option<&str>) -> Bytes {
     let mut out = String::new();
     if let Some(id) = id {
         let _ = writeln!(out, "id: {id}");
@@ -67,13 +67,13 @@ pub fn encode_control(event: &str, data: &serde_json::Value, id: Option<&str>) -
 }
 
 /// The `retry:` hint frame.
-pub fn encode_retry(ms: u64) -> Bytes {
+pub(crate) fn encode_retry(ms: u64) -> Bytes {
     Bytes::from(format!("retry: {ms}\n\n"))
 }
 
 /// The heartbeat: an SSE comment, ignored by clients, that keeps proxies and
 /// NATs from timing the connection out and reveals dead sockets.
-pub const HEARTBEAT: &[u8] = b":\n\n";
+pub(crate) const HEARTBEAT: &[u8] = b":\n\n";
 
 /// A connection's position in each of its channels.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -127,7 +127,10 @@ thread_local! {
 
 /// Appends the cursor for `positions` to `out`, allocating nothing once
 /// `out` has room.
-pub fn write_cursor<'a>(out: &mut BytesMut, positions: impl Iterator<Item = (&'a str, StreamId)>) {
+pub(crate) fn write_cursor<'a>(
+    out: &mut BytesMut,
+    positions: impl Iterator<Item = (&'a str, StreamId)>,
+) {
     CURSOR_JSON.with_borrow_mut(|json| {
         json.clear();
         json.push(b'{');

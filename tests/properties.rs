@@ -15,10 +15,11 @@ mod sse_reader;
 use std::collections::BTreeMap;
 
 use bytes::BytesMut;
-use herald::channel::Channel;
-use herald::envelope::{Envelope, StreamId};
-use herald::server::request::{body_too_large, parse_head, BodyFraming, Chunked};
-use herald::sse::{encode_cursor, encode_message, Cursor};
+use herald::fuzzing::{
+    body_too_large, encode_cursor, encode_message, parse_head, BodyFraming, Channel, Chunked,
+    Cursor, Envelope,
+};
+use herald::StreamId;
 use proptest::prelude::*;
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -110,11 +111,7 @@ fn decode_in_reads(
     wire: &[u8],
     reads: &[usize],
     limit: usize,
-) -> (
-    Result<bool, herald::server::request::Refusal>,
-    Vec<u8>,
-    Vec<u8>,
-) {
+) -> (Result<bool, herald::fuzzing::Refusal>, Vec<u8>, Vec<u8>) {
     let mut decoder = Chunked::default();
     let mut input = BytesMut::new();
     let mut out = BytesMut::new();

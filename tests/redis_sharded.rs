@@ -173,6 +173,21 @@ async fn users_on_every_node_get_what_is_published_through_any_path() {
     }
 
     let publisher = cluster_publisher(&cluster);
+
+    // Presence adds up every node's table, each on its own slot.
+    let (total, first) = (users.len(), users[0].clone());
+    let counted = wait_until(Duration::from_secs(10), || async {
+        let everyone = publisher.presence("broadcast").await;
+        let one = publisher.presence(&format!("user:{first}")).await;
+        matches!((everyone, one), (Ok(e), Ok(o))
+            if (e.connections, e.nodes, o.connections, o.nodes) == (total, 3, 1, 1))
+    })
+    .await;
+    assert!(
+        counted,
+        "presence across the cluster: broadcast {:?}",
+        publisher.presence("broadcast").await
+    );
     for (i, user) in users.iter().enumerate() {
         let channel = format!("user:{user}");
         publish_ok(&nodes[(i + 1) % 3], &channel, json!(format!("http {user}"))).await;

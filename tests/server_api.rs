@@ -298,6 +298,33 @@ async fn presence_counts_connections_and_nodes_across_the_cluster() {
     wait_presence(&nodes[0], "user:alice", (1, 1), expiry).await;
     wait_presence(&nodes[0], "topic:news", (0, 0), fresh).await;
     wait_presence(&nodes[0], "broadcast", (2, 2), fresh).await;
+
+    // One table per node, none per channel: a node's cost does not grow
+    // with the channels it holds.
+    let keys = redis_cli(&redis, &["KEYS", "*presence*"]);
+    assert!(
+        keys.lines().all(|k| k.starts_with("herald:{presence")),
+        "presence keys: {keys}"
+    );
+    assert!(keys.lines().count() <= 4, "presence keys: {keys}");
+
+    // Redis loses everything: each node notices its table lapsed at its
+    // next refresh and writes it again in full.
+    redis_cli(&redis, &["FLUSHALL"]);
+    wait_presence(&nodes[0], "user:alice", (1, 1), Duration::from_secs(10)).await;
+    wait_presence(&nodes[2], "user:bob", (1, 1), fresh).await;
+}
+
+/// Runs `redis-cli` against `redis`; its output.
+fn redis_cli(redis: &Redis, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .arg("-p")
+        .arg(redis.port().to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    assert!(out.status.success(), "redis-cli {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

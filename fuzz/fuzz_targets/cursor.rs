@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use herald::channel::Channel;
-use herald::envelope::StreamId;
-use herald::sse::{encode_cursor, Cursor};
+use herald::fuzzing::Channel;
+use herald::fuzzing::{encode_cursor, Cursor};
+use herald::StreamId;
 use libfuzzer_sys::arbitrary::Unstructured;
 use libfuzzer_sys::fuzz_target;
 

@@ -3,10 +3,10 @@
 //! envelope's rules, re-encodes to itself, and becomes exactly one SSE event.
 #![no_main]
 
-use herald::channel::Channel;
-use herald::envelope::{self, valid_event_name, Envelope, MAX_CLOCK_SKEW_MS};
-use herald::frame::Frame;
-use herald::sse::encode_message;
+use herald::fuzzing::{
+    encode_envelope, encode_message, now_ms, valid_event_name, Channel, Envelope, Frame,
+    MAX_CLOCK_SKEW_MS,
+};
 use herald_fuzz::assert_one_event;
 use libfuzzer_sys::fuzz_target;
 
@@ -32,10 +32,10 @@ fuzz_target!(|payload: &[u8]| {
     assert!(envelope.data.get().len() <= herald_fuzz::MAX_PAYLOAD);
     assert!(serde_json::from_str::<&serde_json::value::RawValue>(envelope.data.get()).is_ok());
     if let Some(id) = envelope.id {
-        assert!(id.ms <= envelope::now_ms() + MAX_CLOCK_SKEW_MS);
+        assert!(id.ms <= now_ms() + MAX_CLOCK_SKEW_MS);
     }
 
-    let again = envelope::encode(
+    let again = encode_envelope(
         envelope.id,
         envelope.event,
         envelope.data,

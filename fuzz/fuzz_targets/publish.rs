@@ -4,10 +4,10 @@
 //! on the wire.
 #![no_main]
 
-use herald::channel::Channel;
-use herald::envelope::valid_event_name;
 use herald::fuzzing::parse_publish_body;
-use herald::http::ApiError;
+use herald::fuzzing::valid_event_name;
+use herald::fuzzing::ApiError;
+use herald::fuzzing::Channel;
 use herald_fuzz::{assert_one_event, deliver, publisher, MAX_PAYLOAD};
 use libfuzzer_sys::fuzz_target;
 

@@ -6,7 +6,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use herald::server::request::{parse_head, BodyFraming, Chunked, Head, Refusal, MAX_HEAD};
+use herald::fuzzing::{parse_head, BodyFraming, Chunked, Head, Refusal, MAX_HEAD};
 use http::{header, Method, StatusCode, Version};
 use libfuzzer_sys::fuzz_target;
 

@@ -5,7 +5,7 @@
 //! numbers, nesting) and as any text sent as a JSON string.
 #![no_main]
 
-use herald::channel::Channel;
+use herald::fuzzing::Channel;
 use herald::Message;
 use herald_fuzz::{assert_one_event, deliver, publisher};
 use libfuzzer_sys::fuzz_target;

@@ -5,8 +5,8 @@
 #![no_main]
 
 use herald::auth::{bearer_token, find_token, TokenSource};
-use herald::channel::Channel;
-use herald::sse::Cursor;
+use herald::fuzzing::Channel;
+use herald::fuzzing::Cursor;
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 

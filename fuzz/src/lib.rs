@@ -4,14 +4,13 @@
 
 pub mod sse;
 
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::OnceLock;
 
-use herald::broker::memory::MemoryBroker;
-use herald::channel::Channel;
-use herald::envelope::{self, StreamId};
-use herald::frame::Frame;
+use herald::fuzzing::encode_envelope;
+use herald::fuzzing::Channel;
+use herald::fuzzing::Frame;
 use herald::Publisher;
+use herald::StreamId;
 use serde_json::value::RawValue;
 
 /// `--max-payload` for the targets: small, so the fuzzer reaches the limit.
@@ -30,9 +29,7 @@ pub fn publisher() -> &'static Publisher {
                 .expect("a current-thread runtime"),
         ));
         let _entered = runtime.enter();
-        let (deliveries, _) = tokio::sync::mpsc::unbounded_channel();
-        let broker = MemoryBroker::new(deliveries, 1, Duration::from_secs(60));
-        Publisher::new(Arc::new(broker), MAX_PAYLOAD)
+        herald::fuzzing::embedded_publisher(1, MAX_PAYLOAD)
     })
 }
 
@@ -40,7 +37,7 @@ pub fn publisher() -> &'static Publisher {
 /// as it arrives from Redis (the publish script puts `data` in verbatim),
 /// decoded into a frame. A message the publisher accepts must decode.
 pub fn deliver(channel: &Channel, event: Option<&str>, data: &RawValue) -> Vec<u8> {
-    let payload = envelope::encode(Some(StreamId { ms: 1, seq: 0 }), event, data, 1);
+    let payload = encode_envelope(Some(StreamId { ms: 1, seq: 0 }), event, data, 1);
     let frame = Frame::decode(channel.clone(), payload.as_bytes(), MAX_PAYLOAD)
         .unwrap_or_else(|| panic!("an accepted message is dropped by the node: {payload}"));
     frame.body.to_vec()

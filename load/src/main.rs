@@ -181,9 +181,15 @@ pub(crate) struct RunArgs {
     /// publish claim user:* and broadcast].
     #[arg(long)]
     pub(crate) publish_token: Option<String>,
-    /// Redis for `--publish redis`.
+    /// Redis for `--publish redis` (with --redis-cluster: seed URLs,
+    /// comma-separated).
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     pub(crate) redis_url: String,
+    /// `--redis-url` names a Redis Cluster: publish through a cluster
+    /// client (routed by slot) with the script's `ARGV[5]` = `SPUBLISH`,
+    /// as nodes started with `--redis-cluster` do.
+    #[arg(long)]
+    pub(crate) redis_cluster: bool,
     #[arg(long, default_value = "herald")]
     pub(crate) channel_prefix: String,
     /// History size passed to the publish script (the nodes' --history-size).

@@ -1,7 +1,8 @@
 //! The publisher: message `k` carries `{"seq":k,"sent_us":<unix µs>}`,
 //! paced at a fixed rate, sent through the HTTP API (Herald's
 //! `POST /publish`, or an nchan publisher location) or straight into Redis
-//! with Herald's publish script.
+//! with Herald's publish script (on a Redis Cluster through a cluster
+//! client, with `SPUBLISH` as the script's `ARGV[5]`, as Herald's nodes do).
 //!
 //! Each message's outcome is kept: confirmed, failed (certainly not
 //! published) or uncertain (sent, but no answer). Only confirmed messages
@@ -32,7 +33,10 @@ pub(crate) enum Via {
         token: Option<String>,
     },
     Redis {
+        /// One URL, or a cluster's seed URLs, comma-separated.
         url: String,
+        /// A Redis Cluster: route by slot and publish with `SPUBLISH`.
+        cluster: bool,
         prefix: String,
         history_size: u64,
         history_ttl_s: u64,
@@ -186,17 +190,12 @@ pub(crate) async fn run(plan: Arc<PublishPlan>, sent: SentCounter) -> anyhow::Re
         next: AtomicU64::new(plan.first),
     });
     let redis = match &plan.via {
-        Via::Redis { url, .. } => {
-            let client = redis::Client::open(url.as_str()).context("redis URL")?;
-            let conn = client
-                .get_multiplexed_async_connection()
-                .await
-                .with_context(|| format!("connecting to {url}"))?;
+        Via::Redis { url, cluster, .. } => {
+            let mut conn = RedisConn::open(url, *cluster).await?;
             let script = redis::Script::new(PUBLISH_SCRIPT);
-            // Load once so every call is an EVALSHA.
-            script
-                .prepare_invoke()
-                .load_async(&mut conn.clone())
+            // Load once so every call is an EVALSHA (on a cluster the
+            // client sends SCRIPT LOAD to every node).
+            conn.load(&script)
                 .await
                 .context("loading the publish script")?;
             Some((conn, Arc::new(script)))
@@ -285,6 +284,56 @@ async fn next_message(plan: &PublishPlan, state: &State, started: Instant) -> Op
     Some(k)
 }
 
+/// A connection for `--publish redis`: one Redis, or a cluster (commands
+/// routed by their key's slot, `MOVED`/`ASK` followed by the client).
+#[derive(Clone)]
+enum RedisConn {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl RedisConn {
+    async fn open(url: &str, cluster: bool) -> anyhow::Result<Self> {
+        if !cluster {
+            let client = redis::Client::open(url).context("redis URL")?;
+            let conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .with_context(|| format!("connecting to {url}"))?;
+            return Ok(RedisConn::Single(conn));
+        }
+        let seeds: Vec<&str> = url.split(',').map(str::trim).collect();
+        let client = redis::cluster::ClusterClientBuilder::new(seeds)
+            .connection_timeout(Duration::from_secs(5))
+            .response_timeout(Duration::from_secs(5))
+            .build()
+            .context("redis cluster URLs")?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .with_context(|| format!("connecting to the cluster at {url}"))?;
+        Ok(RedisConn::Cluster(conn))
+    }
+
+    async fn load(&mut self, script: &redis::Script) -> redis::RedisResult<String> {
+        let invocation = script.prepare_invoke();
+        match self {
+            RedisConn::Single(c) => invocation.load_async(c).await,
+            RedisConn::Cluster(c) => invocation.load_async(c).await,
+        }
+    }
+
+    async fn invoke(
+        &mut self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> redis::RedisResult<String> {
+        match self {
+            RedisConn::Single(c) => invocation.invoke_async(c).await,
+            RedisConn::Cluster(c) => invocation.invoke_async(c).await,
+        }
+    }
+}
+
 fn payload(k: u64) -> String {
     format!("{{\"seq\":{k},\"sent_us\":{}}}", unix_now_us())
 }
@@ -294,10 +343,11 @@ async fn redis_sender(
     state: &State,
     sent: &SentCounter,
     started: Instant,
-    mut conn: redis::aio::MultiplexedConnection,
+    mut conn: RedisConn,
     script: &redis::Script,
 ) {
     let Via::Redis {
+        cluster,
         prefix,
         history_size,
         history_ttl_s,
@@ -309,15 +359,19 @@ async fn redis_sender(
     while let Some(k) = next_message(plan, state, started).await {
         let channel = channel_for(plan, k);
         let t = Instant::now();
-        let result: redis::RedisResult<String> = script
+        let mut invocation = script.prepare_invoke();
+        invocation
             .key(format!("{prefix}:{{{channel}}}:h"))
             .key(format!("{prefix}:{{{channel}}}"))
             .arg("")
             .arg(payload(k))
             .arg(*history_size)
-            .arg(*history_ttl_s)
-            .invoke_async(&mut conn)
-            .await;
+            .arg(*history_ttl_s);
+        if *cluster {
+            // Sharded pub/sub: only the shard owning the slot carries it.
+            invocation.arg("SPUBLISH");
+        }
+        let result = conn.invoke(&invocation).await;
         sent.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(_) => {

@@ -346,9 +346,12 @@ async fn run(scenario: Scenario, args: &RunArgs) -> anyhow::Result<(Report, Hist
             }
         }
         PublishVia::Redis => {
-            check_redis_url(&args.redis_url)?;
+            for seed in args.redis_url.split(',') {
+                check_redis_url(seed.trim())?;
+            }
             Via::Redis {
                 url: args.redis_url.clone(),
+                cluster: args.redis_cluster,
                 prefix: args.channel_prefix.clone(),
                 history_size: args.history_size,
                 history_ttl_s: args.history_ttl.as_secs().max(1),
@@ -357,6 +360,7 @@ async fn run(scenario: Scenario, args: &RunArgs) -> anyhow::Result<(Report, Hist
     };
     let publish_via_name = match args.publish {
         PublishVia::Http => "http",
+        PublishVia::Redis if args.redis_cluster => "redis cluster",
         PublishVia::Redis => "redis",
     };
 

@@ -52,7 +52,7 @@ const SUBSCRIBE_BATCH: usize = 256;
 /// Starts a broker on the Redis Cluster named by `config.url` (seed URLs,
 /// comma-separated). Returns at once: with the cluster down or still
 /// forming the node starts unready and keeps retrying.
-pub fn start(
+pub(crate) fn start(
     config: RedisConfig,
     node_id: &str,
     deliveries: Deliveries,

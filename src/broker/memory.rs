@@ -15,8 +15,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::{
-    encode_presence, sum_presence, BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry,
-    History, Page, Presence, Store,
+    BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Page, Presence, Store,
 };
 use crate::channel::Channel;
 use crate::envelope::{self, now_ms, StreamId};
@@ -24,7 +23,7 @@ use crate::sync::lock;
 
 /// In-process broker for a single node.
 #[derive(Clone)]
-pub struct MemoryBroker {
+pub(crate) struct MemoryBroker {
     shared: Arc<Shared>,
 }
 
@@ -35,9 +34,9 @@ struct Shared {
     /// Live revocations: user channel → (cutoff, when it lapses). Bounded
     /// by [`MAX_REVOCATIONS`]; lapsed ones are dropped as it fills.
     revocations: Mutex<HashMap<Channel, (u64, Instant)>>,
-    /// Presence entries: channel → node → `"<count>:<fresh until>"`; only
-    /// channels with connections (a count of 0 removes the entry).
-    presence: Mutex<HashMap<Channel, HashMap<String, String>>>,
+    /// Presence entries; only channels with connections (a count of 0
+    /// removes the entry).
+    presence: Mutex<PresenceTable>,
     /// Where published messages go; sent under the lock so they arrive in id
     /// order.
     deliveries: Deliveries,
@@ -46,7 +45,57 @@ struct Shared {
 }
 
 /// Most revocations held at once (each lasts `--revocation-ttl`).
-pub const MAX_REVOCATIONS: usize = 100_000;
+pub(crate) const MAX_REVOCATIONS: usize = 100_000;
+
+/// Each node's count per channel, flat: one map entry per (channel, node)
+/// and nothing allocated per entry, since a node holds one entry for every
+/// user connected to it.
+#[derive(Default)]
+struct PresenceTable {
+    /// Node ids seen and when each one's table lapses (ms), indexed by the
+    /// keys of `counts` (a handful).
+    nodes: Vec<(Box<str>, u64)>,
+    /// (channel, node index) → count.
+    counts: HashMap<(Channel, usize), usize>,
+}
+
+impl PresenceTable {
+    /// Applies `node`'s changes and keeps it alive until `until`; `false`
+    /// if its table had lapsed (its counts are dropped first).
+    fn report(&mut self, node: &str, changes: &[(Channel, usize)], now: u64, until: u64) -> bool {
+        let (index, alive) = match self.nodes.iter().position(|(n, _)| &**n == node) {
+            Some(i) => (i, self.nodes[i].1 > now),
+            None => {
+                self.nodes.push((node.into(), 0));
+                (self.nodes.len() - 1, false)
+            }
+        };
+        if !alive {
+            self.counts.retain(|(_, n), _| *n != index);
+        }
+        self.nodes[index].1 = until;
+        for (channel, count) in changes {
+            let key = (channel.clone(), index);
+            if *count == 0 {
+                self.counts.remove(&key);
+            } else {
+                self.counts.insert(key, *count);
+            }
+        }
+        alive
+    }
+
+    fn sum(&self, channel: &Channel, now: u64) -> Presence {
+        let mut presence = Presence::default();
+        for (index, (_, until)) in self.nodes.iter().enumerate() {
+            if *until > now {
+                let count = self.counts.get(&(channel.clone(), index));
+                presence.add(count.copied().unwrap_or(0));
+            }
+        }
+        presence
+    }
+}
 
 struct Log {
     entries: VecDeque<Entry>,
@@ -60,11 +109,11 @@ struct Log {
 impl MemoryBroker {
     /// A broker delivering into `deliveries`; spawns a task that drops idle
     /// histories (it ends when the broker is dropped).
-    pub fn new(deliveries: Deliveries, history_size: usize, history_ttl: Duration) -> Self {
+    pub(crate) fn new(deliveries: Deliveries, history_size: usize, history_ttl: Duration) -> Self {
         let shared = Arc::new(Shared {
             channels: Mutex::new(HashMap::new()),
             revocations: Mutex::new(HashMap::new()),
-            presence: Mutex::new(HashMap::new()),
+            presence: Mutex::new(PresenceTable::default()),
             deliveries,
             history_size: history_size.max(1),
             history_ttl,
@@ -244,38 +293,20 @@ impl Store for MemoryBroker {
     fn report_presence<'a>(
         &'a self,
         node: &'a str,
-        counts: &'a [(Channel, usize)],
+        changes: &'a [(Channel, usize)],
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), BrokerError>> {
-        let until = now_ms().saturating_add(ttl.as_millis() as u64);
-        let mut presence = lock(&self.shared.presence);
-        for (channel, count) in counts {
-            if *count == 0 {
-                if let Some(nodes) = presence.get_mut(channel) {
-                    nodes.remove(node);
-                    if nodes.is_empty() {
-                        presence.remove(channel);
-                    }
-                }
-            } else {
-                presence
-                    .entry(channel.clone())
-                    .or_default()
-                    .insert(node.to_owned(), encode_presence(*count, until));
-            }
-        }
-        drop(presence);
-        Box::pin(async { Ok(()) })
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        let now = now_ms();
+        let until = now.saturating_add(ttl.as_millis() as u64);
+        let alive = lock(&self.shared.presence).report(node, changes, now, until);
+        Box::pin(async move { Ok(alive) })
     }
 
     fn presence<'a>(
         &'a self,
         channel: &'a Channel,
     ) -> BoxFuture<'a, Result<Presence, BrokerError>> {
-        let presence = lock(&self.shared.presence)
-            .get(channel)
-            .map(|nodes| sum_presence(nodes.values().map(String::as_str), now_ms()))
-            .unwrap_or_default();
+        let presence = lock(&self.shared.presence).sum(channel, now_ms());
         Box::pin(async move { Ok(presence) })
     }
 }
@@ -353,5 +384,26 @@ mod tests {
             broker.history_after(&ch, id, 10).await,
             Ok(History::Gap)
         ));
+    }
+
+    #[test]
+    fn presence_counts_live_nodes_and_a_lapsed_node_starts_over() {
+        let alice = Channel::parse("user:alice").expect("valid");
+        let bob = Channel::parse("user:bob").expect("valid");
+        let mut table = PresenceTable::default();
+        let seen = |t: &PresenceTable, c: &Channel, now| {
+            let p = t.sum(c, now);
+            (p.connections, p.nodes)
+        };
+        assert!(!table.report("a", &[(alice.clone(), 2), (bob.clone(), 1)], 0, 10));
+        assert!(!table.report("b", &[(alice.clone(), 3)], 0, 20));
+        assert_eq!(seen(&table, &alice, 5), (5, 2));
+        assert!(table.report("a", &[(bob.clone(), 0)], 5, 15), "still alive");
+        assert_eq!(seen(&table, &bob, 5), (0, 0));
+        // Node a's table lapses at 15: it no longer counts, and its next
+        // report says so and drops what it had.
+        assert_eq!(seen(&table, &alice, 16), (3, 1));
+        assert!(!table.report("a", &[], 16, 30));
+        assert_eq!(seen(&table, &alice, 17), (3, 1), "a's old count is gone");
     }
 }

@@ -11,8 +11,8 @@
 //! [`redis::RedisBroker`] (any number of nodes sharing Redis, or a Redis
 //! Cluster with sharded pub/sub: [`cluster`]).
 
-pub mod cluster;
-pub mod memory;
+pub(crate) mod cluster;
+pub(crate) mod memory;
 pub mod redis;
 
 use std::future::Future;
@@ -27,11 +27,11 @@ use crate::channel::Channel;
 use crate::envelope::StreamId;
 
 /// A boxed future, so the trait stays object safe.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What a broker hands to the hub.
 #[derive(Debug)]
-pub enum Delivery {
+pub(crate) enum Delivery {
     /// A payload received on a channel (not yet validated).
     Message {
         /// The channel it arrived on.
@@ -49,14 +49,14 @@ pub enum Delivery {
 /// a connection is a `try_send`), so the queue grows only while the CPU is
 /// saturated, and the alternatives are worse: dropping loses messages and
 /// blocking the Redis reader makes Redis cut the subscriber connection.
-pub type Deliveries = mpsc::UnboundedSender<Delivery>;
+pub(crate) type Deliveries = mpsc::UnboundedSender<Delivery>;
 
 /// One history entry: its id and envelope payload.
 pub type Entry = (StreamId, Bytes);
 
 /// The result of reading history after a position.
 #[derive(Debug)]
-pub enum History {
+pub(crate) enum History {
     /// Every entry after the position, oldest first (possibly none).
     Entries(Vec<Entry>),
     /// Entries after the position were trimmed or expired: replay would have
@@ -86,7 +86,7 @@ pub enum BrokerError {
 
 /// Publishing and history: all a publisher needs (see [`Broker`] for
 /// subscriptions).
-pub trait Store: Send + Sync + 'static {
+pub(crate) trait Store: Send + Sync + 'static {
     /// Appends to the channel's history (trimmed to the history size, expiring
     /// after the history TTL) and publishes the envelope carrying the new id.
     /// `data` is JSON text.
@@ -135,20 +135,26 @@ pub trait Store: Send + Sync + 'static {
         user: &'a Channel,
     ) -> BoxFuture<'a, Result<Option<u64>, BrokerError>>;
 
-    /// Records node `node`'s connection count on each channel, each fresh
-    /// for `ttl`; a count of 0 removes the node's entry. Redis, per
-    /// channel (single-key commands, pipelined): `HSET
-    /// <prefix>:{<channel>}:presence <node> "<count>:<fresh until, ms>"` and
-    /// `PEXPIRE` of that key by `ttl`, or `HDEL` for 0.
+    /// Applies node `node`'s changed connection counts (a count of 0
+    /// removes the channel from its table) and keeps the node's table alive
+    /// for `ttl` more. Returns `false` if the table had already lapsed (the
+    /// node was cut off for longer than `ttl`, or Redis lost it): the caller
+    /// then reports every count again. Redis: one hash per node,
+    /// `<prefix>:{presence:<node>}` (channel → count: `HSET`/`HDEL`, then
+    /// `PEXPIRE`), and the live nodes in the sorted set
+    /// `<prefix>:{presence}:nodes` (node → lapses at, ms). So a node's cost
+    /// is its changes plus three commands per refresh, not a write per
+    /// channel it holds.
     fn report_presence<'a>(
         &'a self,
         node: &'a str,
-        counts: &'a [(Channel, usize)],
+        changes: &'a [(Channel, usize)],
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+    ) -> BoxFuture<'a, Result<bool, BrokerError>>;
 
-    /// The channel's connections and nodes holding any, over every node's
-    /// still-fresh entry. Redis: one `HGETALL` of the presence hash.
+    /// The channel's connections and nodes holding any, over every node
+    /// whose table is still alive. Redis: the live nodes from the sorted
+    /// set, then one `HGET` of each node's table.
     fn presence<'a>(&'a self, channel: &'a Channel)
         -> BoxFuture<'a, Result<Presence, BrokerError>>;
 }
@@ -162,32 +168,18 @@ pub struct Presence {
     pub nodes: usize,
 }
 
-/// One node's presence entry as stored: `"<count>:<fresh until, ms>"`.
-pub fn encode_presence(count: usize, fresh_until_ms: u64) -> String {
-    format!("{count}:{fresh_until_ms}")
-}
-
-/// Sums presence entries (as [`encode_presence`] wrote them) still fresh at
-/// `now_ms`; malformed ones are skipped.
-pub fn sum_presence<'a>(entries: impl Iterator<Item = &'a str>, now_ms: u64) -> Presence {
-    let mut presence = Presence::default();
-    for entry in entries {
-        let Some((count, until)) = entry.split_once(':') else {
-            continue;
-        };
-        let (Ok(count), Ok(until)) = (count.parse::<usize>(), until.parse::<u64>()) else {
-            continue;
-        };
-        if until > now_ms && count > 0 {
-            presence.connections = presence.connections.saturating_add(count);
-            presence.nodes += 1;
+impl Presence {
+    /// Adds one live node's count (a node with 0 holds none).
+    pub(crate) fn add(&mut self, count: usize) {
+        if count > 0 {
+            self.connections = self.connections.saturating_add(count);
+            self.nodes += 1;
         }
     }
-    presence
 }
 
 /// The backbone a node publishes to and subscribes through.
-pub trait Broker: Store {
+pub(crate) trait Broker: Store {
     /// Starts receiving `channel`. The request is queued before this returns,
     /// so calls made in order take effect in order; the future resolves once
     /// the subscription is live (a message published after that is delivered).
@@ -198,30 +190,4 @@ pub trait Broker: Store {
 
     /// Whether the broker is connected (readiness).
     fn is_connected(&self) -> bool;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn presence_sums_fresh_entries_and_skips_stale_or_malformed_ones() {
-        let entries = [
-            encode_presence(2, 2_000),
-            encode_presence(3, 5_000),
-            encode_presence(7, 999),
-            encode_presence(0, 5_000),
-            "garbage".into(),
-            "1:".into(),
-            "-1:5000".into(),
-        ];
-        let presence = sum_presence(entries.iter().map(String::as_str), 1_000);
-        assert_eq!(
-            presence,
-            Presence {
-                connections: 5,
-                nodes: 2
-            }
-        );
-    }
 }

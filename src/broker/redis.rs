@@ -34,8 +34,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    encode_presence, sum_presence, BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry,
-    History, Page, Presence, Store,
+    BoxFuture, Broker, BrokerError, Deliveries, Delivery, Entry, History, Page, Presence, Store,
 };
 use crate::channel::Channel;
 use crate::config::BackboneArgs;
@@ -158,6 +157,8 @@ const SUBSCRIBE_BATCH: usize = 512;
 
 /// Channels per presence pipeline.
 const PRESENCE_BATCH: usize = 500;
+/// Most nodes a presence read asks (a bound on what the sorted set holds).
+const MAX_PRESENCE_NODES: usize = 1024;
 
 /// What can be sent to Redis on a pooled connection.
 pub(super) enum Request<'a> {
@@ -228,7 +229,7 @@ const CLUSTER_RETRIES: u32 = 6;
 
 /// Publishing and history over a connection pool (or a cluster connection).
 #[derive(Clone)]
-pub struct RedisStore {
+pub(crate) struct RedisStore {
     backend: Backend,
     config: Arc<RedisConfig>,
     publish: Arc<Script>,
@@ -237,7 +238,7 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// A store for `config`; connects lazily, so it builds with Redis down.
-    pub fn new(config: RedisConfig) -> Result<Self, BrokerError> {
+    pub(crate) fn new(config: RedisConfig) -> Result<Self, BrokerError> {
         install_tls_provider();
         let manager = deadpool_redis::Manager::new(config.url.as_str()).map_err(unavailable)?;
         let pool = Pool::builder(Multiplexed(manager))
@@ -259,7 +260,7 @@ impl RedisStore {
     /// A store on the Redis Cluster named by `config.url` (seed URLs,
     /// comma-separated): calls are routed by slot and the publish script
     /// publishes with `SPUBLISH`. Connects lazily, like [`RedisStore::new`].
-    pub fn cluster(config: RedisConfig) -> Result<Self, BrokerError> {
+    pub(crate) fn cluster(config: RedisConfig) -> Result<Self, BrokerError> {
         let client = cluster_client(&config.url, |b| b)?;
         Ok(RedisStore {
             backend: Backend::Cluster(Arc::new(LazyCluster {
@@ -445,46 +446,79 @@ impl RedisStore {
     async fn write_presence(
         &self,
         node: &str,
-        counts: &[(Channel, usize)],
+        changes: &[(Channel, usize)],
         ttl: Duration,
-    ) -> Result<(), BrokerError> {
-        let until = envelope::now_ms().saturating_add(ttl.as_millis() as u64);
-        let ttl_ms = ttl.as_millis().max(1) as u64;
-        // On a cluster a pipeline must stay within one slot: one channel's
-        // key (one hash tag) per pipeline there.
-        let batch_size = match self.backend {
-            Backend::Single(_) => PRESENCE_BATCH,
-            Backend::Cluster(_) => 1,
-        };
-        for batch in counts.chunks(batch_size) {
+    ) -> Result<bool, BrokerError> {
+        let prefix = &self.config.prefix;
+        let table = presence_table_key(prefix, node);
+        let ttl_ms = ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
+        // The first PEXPIRE answers whether the table was still there; the
+        // commands of a batch all name one key, so they share a slot.
+        let mut alive = true;
+        let mut batches = changes.chunks(PRESENCE_BATCH).peekable();
+        let first: &[(Channel, usize)] = batches.peek().copied().unwrap_or(&[]);
+        for (i, batch) in std::iter::once(first).chain(batches.skip(1)).enumerate() {
             let mut pipe = redis::pipe();
+            if i == 0 {
+                pipe.pexpire(&table, ttl_ms);
+            }
             for (channel, count) in batch {
-                let key = channel.presence_key(&self.config.prefix);
                 if *count == 0 {
-                    pipe.hdel(&key, node).ignore();
+                    pipe.hdel(&table, channel.as_str()).ignore();
                 } else {
-                    pipe.hset(&key, node, encode_presence(*count, until))
-                        .ignore()
-                        .pexpire(&key, ttl_ms as i64)
-                        .ignore();
+                    pipe.hset(&table, channel.as_str(), *count).ignore();
                 }
             }
-            self.query::<()>(Request::Pipe(&pipe), "presence report")
-                .await?;
+            pipe.pexpire(&table, ttl_ms).ignore();
+            if i == 0 {
+                let (found,): (i64,) = self.query(Request::Pipe(&pipe), "presence report").await?;
+                alive = found == 1;
+            } else {
+                self.query::<()>(Request::Pipe(&pipe), "presence report")
+                    .await?;
+            }
         }
-        Ok(())
+        // The live nodes, for readers; nodes gone for a minute are pruned.
+        let now = envelope::now_ms() as i64;
+        let nodes = presence_nodes_key(prefix);
+        let mut pipe = redis::pipe();
+        pipe.zadd(&nodes, node, now.saturating_add(ttl_ms))
+            .ignore()
+            .zrembyscore(&nodes, "-inf", now - 60_000)
+            .ignore();
+        self.query::<()>(Request::Pipe(&pipe), "presence report")
+            .await?;
+        Ok(alive)
     }
 
     async fn read_presence(&self, channel: &Channel) -> Result<Presence, BrokerError> {
-        let mut cmd = redis::cmd("HGETALL");
-        cmd.arg(channel.presence_key(&self.config.prefix));
-        let nodes: std::collections::HashMap<String, String> =
-            self.query(Request::Cmd(&cmd), "presence read").await?;
-        Ok(sum_presence(
-            nodes.values().map(String::as_str),
-            envelope::now_ms(),
-        ))
+        let prefix = &self.config.prefix;
+        let mut live = redis::cmd("ZRANGEBYSCORE");
+        live.arg(presence_nodes_key(prefix))
+            .arg(format!("({}", envelope::now_ms()))
+            .arg("+inf");
+        let nodes: Vec<String> = self.query(Request::Cmd(&live), "presence read").await?;
+        let mut presence = Presence::default();
+        for node in nodes.iter().take(MAX_PRESENCE_NODES) {
+            let mut cmd = redis::cmd("HGET");
+            cmd.arg(presence_table_key(prefix, node))
+                .arg(channel.as_str());
+            let count: Option<String> = self.query(Request::Cmd(&cmd), "presence read").await?;
+            // Anything but a count (someone else wrote the key) counts as 0.
+            presence.add(count.and_then(|c| c.parse().ok()).unwrap_or(0));
+        }
+        Ok(presence)
     }
+}
+
+/// A node's presence table: `<prefix>:{presence:<node>}` (its own slot).
+fn presence_table_key(prefix: &str, node: &str) -> String {
+    format!("{prefix}:{{presence:{node}}}")
+}
+
+/// The live nodes: `<prefix>:{presence}:nodes`.
+fn presence_nodes_key(prefix: &str) -> String {
+    format!("{prefix}:{{presence}}:nodes")
 }
 
 /// Turns the history script's reply into [`History`]; `None` if malformed.
@@ -617,10 +651,10 @@ impl Store for RedisStore {
     fn report_presence<'a>(
         &'a self,
         node: &'a str,
-        counts: &'a [(Channel, usize)],
+        changes: &'a [(Channel, usize)],
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), BrokerError>> {
-        Box::pin(self.write_presence(node, counts, ttl))
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        Box::pin(self.write_presence(node, changes, ttl))
     }
 
     fn presence<'a>(
@@ -642,7 +676,7 @@ pub(super) enum Command {
 /// A node's Redis broker: [`RedisStore`] plus the pub/sub task (one
 /// connection to one Redis, or sharded pub/sub on a Redis Cluster: see
 /// [`super::cluster`]).
-pub struct RedisBroker {
+pub(crate) struct RedisBroker {
     store: RedisStore,
     commands: mpsc::UnboundedSender<Command>,
     /// True while the pub/sub connection is up and its probe comes back.
@@ -654,7 +688,7 @@ pub struct RedisBroker {
 impl RedisBroker {
     /// Starts the pub/sub task; messages go to `deliveries`. Returns at
     /// once: with Redis down the node starts unready and keeps retrying.
-    pub fn start(
+    pub(crate) fn start(
         config: RedisConfig,
         node_id: &str,
         deliveries: Deliveries,
@@ -750,10 +784,10 @@ impl Store for RedisBroker {
     fn report_presence<'a>(
         &'a self,
         node: &'a str,
-        counts: &'a [(Channel, usize)],
+        changes: &'a [(Channel, usize)],
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), BrokerError>> {
-        self.store.report_presence(node, counts, ttl)
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        self.store.report_presence(node, changes, ttl)
     }
 
     fn presence<'a>(

@@ -9,7 +9,7 @@ use axum::Router;
 use super::AppState;
 
 /// `/metrics`, `/healthz`, `/readyz`.
-pub fn admin_router(state: AppState) -> Router {
+pub(crate) fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 
 /// The allowed origins (exact, as browsers send them).
 #[derive(Debug, Clone, Default)]
-pub struct Cors {
+pub(crate) struct Cors {
     origins: Vec<HeaderValue>,
 }
 
@@ -23,7 +23,7 @@ const MAX_AGE: HeaderValue = HeaderValue::from_static("600");
 
 impl Cors {
     /// A policy allowing `origins` (invalid header values are skipped).
-    pub fn new(origins: &[String]) -> Self {
+    pub(crate) fn new(origins: &[String]) -> Self {
         Cors {
             origins: origins
                 .iter()
@@ -33,7 +33,7 @@ impl Cors {
     }
 
     /// Whether no origin is allowed (the policy adds nothing then).
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.origins.is_empty()
     }
 
@@ -44,7 +44,7 @@ impl Cors {
     }
 
     /// Adds the CORS response headers for an allowed origin.
-    pub fn apply(&self, request: &HeaderMap, response: &mut HeaderMap) {
+    pub(crate) fn apply(&self, request: &HeaderMap, response: &mut HeaderMap) {
         if self.origins.is_empty() {
             return;
         }

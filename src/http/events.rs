@@ -47,11 +47,11 @@ pub(super) async fn events(
 /// hub cuts it (slow, or its channel lost history), even while a write to
 /// the client is blocked and the body is not being polled.
 #[derive(Clone)]
-pub struct StreamCut(MailboxRef);
+pub(crate) struct StreamCut(MailboxRef);
 
 impl StreamCut {
     /// Resolves once the stream is cut.
-    pub async fn cut(&self) {
+    pub(crate) async fn cut(&self) {
         self.0.killed().await
     }
 }

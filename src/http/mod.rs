@@ -5,7 +5,7 @@
 mod access;
 mod admin;
 mod client;
-pub mod cors;
+pub(crate) mod cors;
 mod disconnect;
 mod events;
 mod history;
@@ -26,38 +26,38 @@ use crate::hub::{Hub, LimitError};
 use crate::metrics::{self, RejectReason};
 use crate::session::{SessionConfig, StartError};
 
-pub use admin::admin_router;
-pub use events::StreamCut;
-pub use publish::body_limit;
+pub(crate) use admin::admin_router;
+pub(crate) use events::StreamCut;
+pub(crate) use publish::body_limit;
 
 /// Everything a handler needs; cheap to clone.
 #[derive(Clone)]
-pub struct AppState {
+pub(crate) struct AppState {
     /// Local fanout (and, through it, the broker).
-    pub hub: Hub,
+    pub(crate) hub: Hub,
     /// Token verification.
-    pub verifier: Arc<Verifier>,
+    pub(crate) verifier: Arc<Verifier>,
     /// Per-connection settings.
-    pub session: Arc<SessionConfig>,
+    pub(crate) session: Arc<SessionConfig>,
     /// Where browsers carry the token.
-    pub cookie_name: Arc<str>,
+    pub(crate) cookie_name: Arc<str>,
     /// Whether `?access_token=` is accepted.
-    pub allow_query_token: bool,
+    pub(crate) allow_query_token: bool,
     /// Validates and publishes for `/publish`.
-    pub publisher: crate::publisher::Publisher,
+    pub(crate) publisher: crate::publisher::Publisher,
     /// Renders `/metrics`.
-    pub prometheus: PrometheusHandle,
+    pub(crate) prometheus: PrometheusHandle,
     /// Allowed CORS origins.
-    pub cors: cors::Cors,
+    pub(crate) cors: cors::Cors,
     /// Disconnects and revocations across nodes.
-    pub control: crate::control::Control,
+    pub(crate) control: crate::control::Control,
     /// Session cookies checked by the application (`--auth-url`).
-    pub app_auth: Option<Arc<crate::app_auth::AppAuth>>,
+    pub(crate) app_auth: Option<Arc<crate::app_auth::AppAuth>>,
 }
 
 impl AppState {
     /// Whether the node should receive traffic.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         !self.hub.is_draining() && self.hub.broker().is_connected() && self.verifier.is_ready()
     }
 }
@@ -65,7 +65,7 @@ impl AppState {
 /// The public router. CORS wraps every route (preflights included) when
 /// origins are configured; without any it would add nothing, so it is not
 /// layered at all (one boxed middleware future less per request).
-pub fn public_router(state: AppState) -> Router {
+pub(crate) fn public_router(state: AppState) -> Router {
     let cors = state.cors.clone();
     let router = Router::new()
         .route("/", get(demo_page))
@@ -122,7 +122,7 @@ impl From<StartError> for ApiError {
 
 impl ApiError {
     /// The HTTP status for this error.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -155,7 +155,7 @@ impl IntoResponse for ApiError {
 
 /// Every error answer of both listeners, the transport's refusals included:
 /// `{"error": message}` with its status (and, for a 401, the challenge).
-pub fn error_response(status: StatusCode, message: &str) -> Response {
+pub(crate) fn error_response(status: StatusCode, message: &str) -> Response {
     let mut response = (status, Json(serde_json::json!({ "error": message }))).into_response();
     if status == StatusCode::UNAUTHORIZED {
         response

@@ -58,7 +58,7 @@ pub(super) async fn publish(
 
 /// Largest request body: a batch may hold many messages, so the body as a
 /// whole is bounded at 16 payloads (at least 64 KiB).
-pub fn body_limit(max_payload: usize) -> usize {
+pub(crate) fn body_limit(max_payload: usize) -> usize {
     max_payload.saturating_mul(16).max(64 * 1024)
 }
 

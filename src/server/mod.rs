@@ -30,7 +30,7 @@
 //! keep-alive connection; any other body is streamed and ends the
 //! connection.
 
-pub mod request;
+pub(crate) mod request;
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,28 +56,28 @@ use request::{BodyFraming, Chunked, Head, Refusal};
 
 /// How long a client may take to send a whole request head, counted from
 /// the connection's start (first request) or the request's first byte.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a client may take to send a whole request body.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a keep-alive connection may sit idle between requests.
-pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long writing one (non-streaming) response may take.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the driver enforces for one listener.
 #[derive(Debug, Clone)]
-pub struct EdgeConfig {
+pub(crate) struct EdgeConfig {
     /// Largest request body; larger ones are answered 413.
-    pub max_body: usize,
+    pub(crate) max_body: usize,
     /// Connections not (yet) streaming: reading a request, being answered
     /// or idle in keep-alive. Beyond it new connections get a 503.
-    pub max_http_connections: usize,
+    pub(crate) max_http_connections: usize,
 }
 
 /// Accepts connections until `stop` fires; each connection runs on
 /// `tracker` and, once `stop` fired, finishes its current response and
 /// closes.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     config: EdgeConfig,

@@ -14,7 +14,7 @@ use bytes::{Buf, BytesMut};
 /// Largest request head; larger ones are answered 431.
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Most request headers; more are answered 431.
-pub const MAX_HEADERS: usize = 64;
+pub(crate) const MAX_HEADERS: usize = 64;
 /// Largest chunk-size line or trailer section of a chunked body.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 

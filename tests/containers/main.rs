@@ -1,6 +1,6 @@
 //! Every way Herald ships to run in containers, really run with podman:
-//! `deploy/Containerfile`'s image, `deploy/compose.yaml` under
-//! podman-compose, and `deploy/kubernetes/` validated against Kubernetes'
+//! `deploy/Containerfile`'s image, `deploy/compose.yaml` and
+//! `deploy/compose.cluster.yaml` under podman-compose, and `deploy/kubernetes/` validated against Kubernetes'
 //! schemas and played with `podman kube play`.
 //!
 //! The machine has no container network and no image registry, so every
@@ -319,6 +319,173 @@ async fn compose_runs_three_nodes_behind_nginx_and_down_leaves_nothing() {
     }
 
     // stop drains every node (exit 0, not killed); down removes it all.
+    compose.run(&["stop"]);
+    for service in ["herald1", "herald2", "herald3"] {
+        let code = podman(&[
+            "inspect",
+            "--format",
+            "{{.State.ExitCode}}",
+            &compose.container(service),
+        ]);
+        assert_eq!(code.trim(), "0", "{service} exit code after compose stop");
+    }
+    compose.run(&["down"]);
+    assert_eq!(
+        podman::containers_labelled(&compose.label()),
+        Vec::<String>::new(),
+        "containers left after down"
+    );
+}
+
+/// A free port whose cluster bus port (+10000) is free too, for a Redis
+/// Cluster node of `deploy/compose.cluster.yaml`.
+fn free_cluster_port() -> u16 {
+    for _ in 0..100 {
+        let port = common::free_port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port with a free cluster bus port");
+}
+
+/// `redis-cli`-like: one command to 127.0.0.1:`port`, its reply.
+fn redis_query<T: redis::FromRedisValue>(port: u16, args: &[&str]) -> T {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("redis url");
+    let mut conn = client.get_connection().expect("connect to a cluster node");
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query(&mut conn)
+        .unwrap_or_else(|e| panic!("{args:?} on {port}: {e}"))
+}
+
+#[tokio::test]
+async fn compose_cluster_runs_three_nodes_on_a_redis_cluster_with_sharded_pubsub() {
+    let herald = herald_image();
+    let tools = podman::tools_image();
+    let nodes: Vec<(u16, u16)> = (0..3)
+        .map(|_| (common::free_port(), common::free_port()))
+        .collect();
+    let redis_ports: Vec<u16> = (0..6).map(|_| free_cluster_port()).collect();
+    let nginx_port = common::free_port();
+    let mut env = vec![
+        ("HERALD_JWT_SECRET", SECRET.to_string()),
+        ("HERALD_IMAGE", herald.to_string()),
+        ("REDIS_IMAGE", tools.to_string()),
+        ("NGINX_IMAGE", tools.to_string()),
+        ("NGINX_PORT", nginx_port.to_string()),
+    ];
+    let redis_vars = [
+        "REDIS0_PORT",
+        "REDIS1_PORT",
+        "REDIS2_PORT",
+        "REDIS3_PORT",
+        "REDIS4_PORT",
+        "REDIS5_PORT",
+    ];
+    for (var, port) in redis_vars.iter().zip(&redis_ports) {
+        env.push((var, port.to_string()));
+    }
+    let names = [
+        ("HERALD1_PORT", "HERALD1_ADMIN_PORT"),
+        ("HERALD2_PORT", "HERALD2_ADMIN_PORT"),
+        ("HERALD3_PORT", "HERALD3_ADMIN_PORT"),
+    ];
+    for ((public, admin), (public_var, admin_var)) in nodes.iter().zip(names) {
+        env.push((public_var, public.to_string()));
+        env.push((admin_var, admin.to_string()));
+    }
+    let compose = Compose::with_file("deploy/compose.cluster.yaml", &env);
+
+    compose.run(&["up", "--detach", "--no-build"]);
+    for (_, admin) in &nodes {
+        assert!(
+            common::wait_until(START_TIMEOUT, || ready(*admin)).await,
+            "node with admin port {admin} never became ready"
+        );
+    }
+    // The create step ran to the end and formed 3 masters + 3 replicas.
+    let create = compose.container("redis-cluster-create");
+    let state = || {
+        podman(&[
+            "inspect",
+            "--format",
+            "{{.State.Running}} {{.State.ExitCode}}",
+            &create,
+        ])
+    };
+    assert!(
+        common::wait_until(START_TIMEOUT, || async { state().starts_with("false") }).await,
+        "redis-cluster-create still running"
+    );
+    assert_eq!(state().trim(), "false 0", "redis-cluster-create's exit");
+    let info: String = redis_query(redis_ports[0], &["CLUSTER", "INFO"]);
+    assert!(info.contains("cluster_state:ok"), "{info}");
+    assert!(
+        info.contains("cluster_size:3"),
+        "three masters with slots: {info}"
+    );
+    for service in ["redis0", "redis5", "herald1", "herald2", "herald3"] {
+        podman(&["healthcheck", "run", &compose.container(service)]);
+    }
+    assert!(
+        common::wait_until(START_TIMEOUT, || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", nginx_port))
+                .await
+                .is_ok()
+        })
+        .await,
+        "nginx never listened on {nginx_port}"
+    );
+
+    // Through nginx, and one client on each node: a broadcast published
+    // through nginx reaches every node over the cluster's sharded pub/sub.
+    let through_nginx = format!("http://127.0.0.1:{nginx_port}");
+    let _nginx_stream = stream_and_publish(&through_nginx, &through_nginx, "behind-nginx").await;
+    let mut direct = Vec::new();
+    for (i, (public, _)) in nodes.iter().enumerate() {
+        let auth = bearer(&token(&format!("on-node-{i}")));
+        let url = format!("http://127.0.0.1:{public}/events");
+        let mut sse = Sse::connect(&url, &[("authorization", &auth)])
+            .await
+            .unwrap_or_else(|r| panic!("GET {url}: {} {}", r.status, r.text()));
+        sse.wait_ready(WAIT).await;
+        direct.push(sse);
+    }
+    publish_via(
+        &through_nginx,
+        "broadcast",
+        json!("to every shard's clients"),
+    )
+    .await;
+    for sse in &mut direct {
+        let event = sse.next_data(WAIT).await.expect("the broadcast");
+        assert_eq!(event.data(), "to every shard's clients");
+    }
+    // Sharded, not classic, pub/sub: `broadcast` is an SSUBSCRIBEd shard
+    // channel on exactly one node (its slot's master), and no node has a
+    // classic subscription to it.
+    let holders: Vec<u16> = redis_ports
+        .iter()
+        .copied()
+        .filter(|port| {
+            let channels: Vec<String> =
+                redis_query(*port, &["PUBSUB", "SHARDCHANNELS", "herald:{broadcast}"]);
+            !channels.is_empty()
+        })
+        .collect();
+    assert_eq!(
+        holders.len(),
+        1,
+        "shard channel herald:{{broadcast}} on {holders:?}"
+    );
+    for port in &redis_ports {
+        let classic: Vec<String> = redis_query(*port, &["PUBSUB", "CHANNELS", "herald:*"]);
+        assert_eq!(classic, Vec::<String>::new(), "classic channels on {port}");
+    }
+
     compose.run(&["stop"]);
     for service in ["herald1", "herald2", "herald3"] {
         let code = podman(&[

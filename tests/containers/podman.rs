@@ -276,20 +276,29 @@ pub(crate) fn containers_labelled(label: &str) -> Vec<String> {
         .collect()
 }
 
-/// A `deploy/compose.yaml` project brought up by podman-compose under a
-/// unique project name, with the environment the test gives it. Dropping
-/// it takes the project down and removes anything still carrying its
-/// label.
+/// A compose file of `deploy/` (`compose.yaml`, `compose.cluster.yaml`)
+/// brought up by podman-compose under a unique project name, with the
+/// environment the test gives it. Dropping it takes the project down and
+/// removes anything still carrying its label.
 pub(crate) struct Compose {
     pub(crate) project: String,
+    /// The compose file, relative to the repository root.
+    file: &'static str,
     env: Vec<(String, String)>,
 }
 
 impl Compose {
-    /// A project named `<unique>` with `env` (ports, images, secret).
+    /// `deploy/compose.yaml` as a project named `<unique>` with `env`
+    /// (ports, images, secret).
     pub(crate) fn new(env: &[(&str, String)]) -> Compose {
+        Compose::with_file("deploy/compose.yaml", env)
+    }
+
+    /// `file` as a project named `<unique>` with `env`.
+    pub(crate) fn with_file(file: &'static str, env: &[(&str, String)]) -> Compose {
         Compose {
             project: unique("herald-compose"),
+            file,
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.clone()))
@@ -297,9 +306,9 @@ impl Compose {
         }
     }
 
-    /// `podman-compose -f deploy/compose.yaml -p <project> args...`.
+    /// `podman-compose -f <file> -p <project> args...`.
     pub(crate) fn run(&self, args: &[&str]) -> String {
-        let file = repo().join("deploy/compose.yaml");
+        let file = repo().join(self.file);
         let mut all = vec![
             "-f",
             file.to_str().expect("utf-8 path"),
