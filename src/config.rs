@@ -251,6 +251,17 @@ pub struct PublishArgs {
     pub data: String,
 }
 
+/// `--max-connections` as far as `open_files` descriptors allow: a stream
+/// past them would fail at accept (and the client would only see a reset),
+/// so the hub refuses it first with a 503 and the client tries another
+/// node. A tenth of the descriptors (256 to 4,096) stays for requests,
+/// Redis and the rest.
+pub fn connections_within(requested: usize, open_files: u64) -> usize {
+    let reserve = (open_files / 10).clamp(256, 4096);
+    let room = usize::try_from(open_files.saturating_sub(reserve)).unwrap_or(usize::MAX);
+    requested.min(room)
+}
+
 /// Parses `500ms`, `15s`, `2m`, `24h`, `1d` (a bare number is seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -328,6 +339,14 @@ mod tests {
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("5 fortnights").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn streams_fit_the_open_files_limit() {
+        assert_eq!(connections_within(100_000, 20_000), 18_000);
+        assert_eq!(connections_within(100_000, 1_024), 768);
+        assert_eq!(connections_within(10_000, 1_048_576), 10_000);
+        assert_eq!(connections_within(100_000, 200), 0);
     }
 
     #[test]

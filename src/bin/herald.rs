@@ -53,13 +53,26 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: herald::config::ServeConfig) -> anyhow::Result<()> {
+async fn serve(mut config: herald::config::ServeConfig) -> anyhow::Result<()> {
     // Listen for signals before anything else: a SIGTERM that arrives right
     // after start-up (systemd, a test) must drain, not kill.
     let shutdown = shutdown_signal()?;
     // Every SSE connection is a file descriptor: use all the process may.
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Ok(limit) => {
+            tracing::debug!(limit, "open files limit");
+            let allowed = herald::config::connections_within(config.max_connections, limit);
+            if allowed < config.max_connections {
+                tracing::warn!(
+                    requested = config.max_connections,
+                    allowed,
+                    open_files = limit,
+                    "--max-connections is more than the open files limit allows; \
+                     event streams beyond it get a 503"
+                );
+                config.max_connections = allowed;
+            }
+        }
         Err(error) => tracing::warn!(%error, "could not raise the open files limit"),
     }
     let node = Node::bind(config).await?;
