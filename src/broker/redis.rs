@@ -155,6 +155,11 @@ fn settle<T>(
 /// Most subscribes sent in one `SUBSCRIBE`.
 const SUBSCRIBE_BATCH: usize = 512;
 
+/// How many probe intervals a probe may stay out while other messages keep
+/// arriving (the node is reading a backlog) before the connection is
+/// given up as too far behind.
+const SLOW_PROBE_LIMIT: u32 = 6;
+
 /// Channels per presence pipeline.
 const PRESENCE_BATCH: usize = 500;
 /// Most nodes a presence read asks (a bound on what the sorted set holds).
@@ -1043,6 +1048,9 @@ impl PubSubTask {
         // The probe sent last and not yet seen back.
         let mut outstanding: Option<(u64, Instant)> = None;
         let mut probe_seq: u64 = 0;
+        // When anything last arrived: a connection still delivering is slow
+        // (the node is behind on a backlog), not silent.
+        let mut last_message = Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return Ended::Stop,
@@ -1050,6 +1058,7 @@ impl PubSubTask {
                     let Some(message) = message else {
                         return Ended::Lost("connection closed".into());
                     };
+                    last_message = Instant::now();
                     let key = message.get_channel_name();
                     if key == self.probe_key {
                         let seen: Option<u64> = std::str::from_utf8(message.get_payload_bytes())
@@ -1152,9 +1161,19 @@ impl PubSubTask {
                 }
                 _ = probe.tick() => {
                     if let Some((_, sent)) = outstanding {
-                        if sent.elapsed() >= interval / 2 {
+                        // Silent: nothing at all since the probe went out.
+                        // A busy node reading a backlog keeps receiving and
+                        // gets longer, up to SLOW_PROBE_LIMIT probes:
+                        // reconnecting would only add a resubscribe and a
+                        // refill of every channel to its load.
+                        let silent = last_message <= sent && sent.elapsed() >= interval / 2;
+                        if silent || sent.elapsed() >= interval * SLOW_PROBE_LIMIT {
                             self.subs.set_connected(false);
-                            return Ended::Lost("probe not delivered: pub/sub is silent".into());
+                            return Ended::Lost(if silent {
+                                "probe not delivered: pub/sub is silent".into()
+                            } else {
+                                "probe not delivered: pub/sub is too far behind".into()
+                            });
                         }
                         continue;
                     }
