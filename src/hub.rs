@@ -74,7 +74,17 @@ struct Shared {
     broker: Arc<dyn Broker>,
     config: HubConfig,
     next_id: AtomicU64,
+    /// Set by [`Hub::drain`]: over how many ms this node's clients should
+    /// spread their reconnects (see [`DRAIN_RECONNECTS_PER_SEC`]).
+    drain_spread_ms: AtomicU64,
 }
+
+/// A draining node asks its clients to come back at about this rate at
+/// most (spread by their `retry:`), so the nodes that take them are not
+/// hit by all of them at once: at 100,000 connections on 7 nodes, one
+/// node's 14,000 clients returning within a few seconds tipped the rest
+/// into a reconnect storm (`load/compare --only scale`).
+pub(crate) const DRAIN_RECONNECTS_PER_SEC: u64 = 1_000;
 
 #[derive(Default)]
 struct State {
@@ -117,6 +127,7 @@ impl Hub {
                 broker,
                 config,
                 next_id: AtomicU64::new(1),
+                drain_spread_ms: AtomicU64::new(0),
             }),
         }
     }
@@ -290,6 +301,8 @@ impl Hub {
     pub(crate) fn drain(&self) {
         let mut state = self.state();
         state.draining = true;
+        let spread = state.mailboxes.len() as u64 * 1000 / DRAIN_RECONNECTS_PER_SEC;
+        self.shared.drain_spread_ms.store(spread, Ordering::Relaxed);
         for mailbox in state.mailboxes.values() {
             mailbox.shut_down();
         }
@@ -508,6 +521,12 @@ impl Subscription {
         tokio::time::timeout(timeout, wait)
             .await
             .map_err(|_| BrokerError::Unavailable("subscription timed out".into()))?
+    }
+
+    /// Over how many ms the clients of this draining node should spread
+    /// their reconnects (0 before a drain).
+    pub(crate) fn drain_spread_ms(&self) -> u64 {
+        self.hub.shared.drain_spread_ms.load(Ordering::Relaxed)
     }
 
     /// Counts the close of this connection under `reason` (the hub's slow

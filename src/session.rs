@@ -236,7 +236,8 @@ impl Session {
                 }
                 Wake::Shutdown => {
                     self.ended = Some(CloseReason::Shutdown);
-                    return Some(sse::encode_retry(jittered(self.retry)));
+                    let spread = self.subscription.drain_spread_ms();
+                    return Some(sse::encode_retry(drain_retry(self.retry, spread)));
                 }
                 Wake::Aged => {
                     self.ended = Some(CloseReason::MaxAge);
@@ -262,10 +263,34 @@ impl Drop for Session {
     }
 }
 
+/// The drain's `retry:`: as [`jittered`], but spread over at least
+/// `spread_ms` when the node has many clients to send elsewhere.
+fn drain_retry(retry: Duration, spread_ms: u64) -> u64 {
+    let base = retry.as_millis().max(100) as u64;
+    rand::random_range(base / 2..=(base * 2).max(spread_ms))
+}
+
 /// The last `retry:` of a draining node or an old connection: between half
 /// and twice the normal hint, so clients come back spread out instead of
 /// all at once.
 fn jittered(retry: Duration) -> u64 {
     let base = retry.as_millis().max(100) as u64;
     rand::random_range(base / 2..=base * 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_drain_spreads_its_clients_reconnects() {
+        let retry = Duration::from_secs(2);
+        let small: Vec<u64> = (0..1_000).map(|_| drain_retry(retry, 20)).collect();
+        assert!(small.iter().all(|ms| (1_000..=4_000).contains(ms)));
+        // 14,000 clients at 1,000/s: spread over 14 s, evenly.
+        let large: Vec<u64> = (0..1_000).map(|_| drain_retry(retry, 14_000)).collect();
+        assert!(large.iter().all(|ms| (1_000..=14_000).contains(ms)));
+        let late = large.iter().filter(|&&ms| ms > 10_000).count();
+        assert!(late > 150, "spread to the end of the window: {late}");
+    }
 }
