@@ -58,24 +58,29 @@ async fn serve(mut config: herald::config::ServeConfig) -> anyhow::Result<()> {
     // after start-up (systemd, a test) must drain, not kill.
     let shutdown = shutdown_signal()?;
     // Every SSE connection is a file descriptor: use all the process may.
+    let mut lowered = None;
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => {
             tracing::debug!(limit, "open files limit");
             let allowed = herald::config::connections_within(config.max_connections, limit);
             if allowed < config.max_connections {
-                tracing::warn!(
-                    requested = config.max_connections,
-                    allowed,
-                    open_files = limit,
-                    "--max-connections is more than the open files limit allows; \
-                     event streams beyond it get a 503"
-                );
+                lowered = Some((config.max_connections, allowed, limit));
                 config.max_connections = allowed;
             }
         }
         Err(error) => tracing::warn!(%error, "could not raise the open files limit"),
     }
     let node = Node::bind(config).await?;
+    // Said once the node is up, so a start that fails says only why.
+    if let Some((requested, allowed, open_files)) = lowered {
+        tracing::warn!(
+            requested,
+            allowed,
+            open_files,
+            "--max-connections is more than the open files limit allows; \
+             event streams beyond it get a 503"
+        );
+    }
     let public = node.public_addr();
     let mut out = std::io::stdout().lock();
     if let Some(token) = node.demo_token() {
