@@ -91,7 +91,43 @@ pub(crate) struct Fleet {
     pub(crate) rx: mpsc::UnboundedReceiver<Event>,
 }
 
+/// Each worker's (index, first client, client count): `connections` shared
+/// out over `workers` processes as evenly as possible.
+pub(crate) fn shares(connections: u64, workers: usize) -> impl Iterator<Item = (usize, u64, u64)> {
+    let base = connections / workers as u64;
+    let extra = connections % workers as u64;
+    (0..workers).scan(0, move |first: &mut u64, index| {
+        let clients = base + u64::from((index as u64) < extra);
+        let start = *first;
+        *first += clients;
+        Some((index, start, clients))
+    })
+}
+
 impl Fleet {
+    /// Starts one worker process per plan; they report on the fleet's `rx`.
+    pub(crate) async fn spawn(plans: &[WorkerPlan]) -> anyhow::Result<Fleet> {
+        let exe = std::env::current_exe().context("finding our own executable")?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let workers = plans.len();
+        let mut fleet = Fleet {
+            children: Vec::new(),
+            stdins: Vec::new(),
+            pids: Vec::new(),
+            progress: vec![Progress::default(); workers],
+            ramp_done: vec![false; workers],
+            results: (0..workers).map(|_| None).collect(),
+            rx,
+        };
+        for plan in plans {
+            let (child, stdin) = spawn_worker(&exe, plan, &tx).await?;
+            fleet.pids.push(child.id().unwrap_or(0));
+            fleet.children.push(child);
+            fleet.stdins.push(stdin);
+        }
+        Ok(fleet)
+    }
+
     pub(crate) fn totals(&self) -> Progress {
         let mut t = Progress::default();
         for p in &self.progress {
@@ -380,24 +416,10 @@ async fn run(scenario: Scenario, args: &RunArgs) -> anyhow::Result<(Report, Hist
     let server_before = sample_all(&args.server_pids);
 
     // Start the workers.
-    let exe = std::env::current_exe().context("finding our own executable")?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut fleet = Fleet {
-        children: Vec::new(),
-        stdins: Vec::new(),
-        pids: Vec::new(),
-        progress: vec![Progress::default(); workers],
-        ramp_done: vec![false; workers],
-        results: (0..workers).map(|_| None).collect(),
-        rx,
-    };
-    let base = args.connections / workers as u64;
-    let extra = args.connections % workers as u64;
-    let mut first = 0;
-    for index in 0..workers {
-        let clients = base + u64::from((index as u64) < extra);
+    let mut plans = Vec::with_capacity(workers);
+    for (index, first, clients) in shares(args.connections, workers) {
         let share = clients as f64 / args.connections as f64;
-        let plan = WorkerPlan {
+        plans.push(WorkerPlan {
             index,
             first_client: first,
             clients,
@@ -428,14 +450,9 @@ async fn run(scenario: Scenario, args: &RunArgs) -> anyhow::Result<(Report, Hist
             mixed: None,
             random_reconnect: false,
             active_targets: 0,
-        };
-        first += clients;
-        let (child, stdin) = spawn_worker(&exe, &plan, &tx).await?;
-        fleet.pids.push(child.id().unwrap_or(0));
-        fleet.children.push(child);
-        fleet.stdins.push(stdin);
+        });
     }
-    drop(tx);
+    let mut fleet = Fleet::spawn(&plans).await?;
 
     // The ramp.
     let ramp_budget = Duration::from_secs_f64(

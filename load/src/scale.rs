@@ -44,10 +44,10 @@ use tokio::sync::mpsc;
 use crate::account::Tally;
 use crate::net::{check_redis_url, mint_token, unix_now_us, HttpConn, Target};
 use crate::procfs;
-use crate::proto::{new_histogram, Fanout, Mixed, Progress, ToWorker, WorkerPlan, WorkerResult};
+use crate::proto::{new_histogram, Fanout, Mixed, ToWorker, WorkerPlan, WorkerResult};
 use crate::publish::{self, PublishPlan, Published, Via};
 use crate::report::Pcts;
-use crate::run::{spawn_worker, Fleet, Ui};
+use crate::run::{shares, Fleet, Ui};
 use crate::{parse_duration, Kind, Signal};
 
 /// The event name broadcasts carry, so clients tell the two streams apart.
@@ -763,23 +763,9 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
     let source_addrs: Vec<Ipv4Addr> = (0..plan.source_addrs)
         .map(|i| Ipv4Addr::new(127, 0, 0, 2 + i as u8))
         .collect();
-    let exe = std::env::current_exe().context("finding our own executable")?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut fleet = Fleet {
-        children: Vec::new(),
-        stdins: Vec::new(),
-        pids: Vec::new(),
-        progress: vec![Progress::default(); workers],
-        ramp_done: vec![false; workers],
-        results: (0..workers).map(|_| None).collect(),
-        rx,
-    };
-    let base = plan.connections / workers as u64;
-    let extra = plan.connections % workers as u64;
-    let mut first = 0;
-    for index in 0..workers {
-        let clients = base + u64::from((index as u64) < extra);
-        let wp = WorkerPlan {
+    let mut plans = Vec::with_capacity(workers);
+    for (index, first, clients) in shares(plan.connections, workers) {
+        plans.push(WorkerPlan {
             index,
             first_client: first,
             clients,
@@ -808,14 +794,9 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
             }),
             random_reconnect: true,
             active_targets: plan.nodes,
-        };
-        first += clients;
-        let (child, stdin) = spawn_worker(&exe, &wp, &tx).await?;
-        fleet.pids.push(child.id().unwrap_or(0));
-        fleet.children.push(child);
-        fleet.stdins.push(stdin);
+        });
     }
-    drop(tx);
+    let mut fleet = Fleet::spawn(&plans).await?;
     let sent = Arc::new(AtomicU64::new(0));
     let mut ui = Ui::new(
         args.quiet,
