@@ -73,12 +73,14 @@ async fn serve(mut config: herald::config::ServeConfig) -> anyhow::Result<()> {
     let node = Node::bind(config).await?;
     // Said once the node is up, so a start that fails says only why.
     if let Some((requested, allowed, open_files)) = lowered {
-        tracing::warn!(
+        // Info, not a warning: with the default 100,000 it is what most
+        // machines' limits mean, not a mistake of the operator's.
+        tracing::info!(
             requested,
             allowed,
             open_files,
-            "--max-connections is more than the open files limit allows; \
-             event streams beyond it get a 503"
+            "event streams capped by the open files limit (--max-connections); \
+             beyond it new ones get a 503"
         );
     }
     let public = node.public_addr();
