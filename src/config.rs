@@ -262,6 +262,23 @@ pub fn connections_within(requested: usize, open_files: u64) -> usize {
     requested.min(room)
 }
 
+/// Descriptors a node keeps whatever its clients do: Redis (the pool and
+/// the pub/sub connections), the admin listener's [`ADMIN_SOCKETS`], logs.
+const OWN_FILES: u64 = 256;
+
+/// Sockets the admin listener (probes, metrics scrapes) holds at once.
+pub const ADMIN_SOCKETS: usize = 64;
+
+/// Sockets of every kind the public listener may hold at once within
+/// `open_files` descriptors: all but [`OWN_FILES`]. Streams are capped
+/// lower ([`connections_within`]), so requests still have room on a node
+/// full of streams.
+pub fn sockets_within(open_files: u64) -> usize {
+    usize::try_from(open_files.saturating_sub(OWN_FILES))
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
 /// Parses `500ms`, `15s`, `2m`, `24h`, `1d` (a bare number is seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -347,6 +364,13 @@ mod tests {
         assert_eq!(connections_within(100_000, 1_024), 768);
         assert_eq!(connections_within(10_000, 1_048_576), 10_000);
         assert_eq!(connections_within(100_000, 200), 0);
+        // Sockets of any kind: all but the node's own descriptors, and
+        // never fewer than the streams.
+        assert_eq!(sockets_within(20_000), 19_744);
+        assert_eq!(sockets_within(100), 1);
+        for open_files in [300, 1_024, 20_000, 1 << 20] {
+            assert!(sockets_within(open_files) >= connections_within(usize::MAX, open_files));
+        }
     }
 
     #[test]

@@ -170,9 +170,13 @@ impl Node {
         let tracker = TaskTracker::new();
         let public_stop = CancellationToken::new();
         let admin_stop = CancellationToken::new();
+        // The descriptors this process may open, as the binary left them.
+        let open_files =
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft);
         let edge = EdgeConfig {
             max_body: body_limit(config.backbone.max_payload),
             max_http_connections: config.max_http_connections as usize,
+            max_sockets: crate::config::sockets_within(open_files),
         };
         let public_task = tokio::spawn(crate::server::serve(
             public,

@@ -187,3 +187,60 @@ async fn publishing_needs_a_covering_publish_claim() {
     assert_eq!(status, StatusCode::FORBIDDEN, "batch: {reply}");
     assert_still_serves(&node).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_out_of_descriptors_pauses_accepting_and_keeps_serving() {
+    // 512 descriptors: 256 sockets for the public listener, the rest the
+    // node's own (Redis, the admin listener, logs).
+    let node = Node::start_with_open_files(512, &["--heartbeat", "1s"]);
+    let mut alice = connect(&node, "alice").await.expect("alice");
+    // More idle connections than the node has descriptors: without a cap it
+    // would accept until `accept` fails with EMFILE, and then its admin
+    // listener could not accept either.
+    let addr = node.public().trim_start_matches("http://").to_string();
+    let mut idle = Vec::new();
+    for _ in 0..600 {
+        idle.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("the kernel's backlog takes the connection"),
+        );
+    }
+    let paused = "accepting paused until a connection closes";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !node.stderr_tail().contains(paused) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no pause logged: {}",
+            node.stderr_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let health = common::get(&node.admin_url("/healthz")).await;
+    assert_eq!(
+        health.status,
+        StatusCode::OK,
+        "the admin listener still answers"
+    );
+    assert!(
+        !node.stderr_tail().contains("accept failed"),
+        "no accept may fail: {}",
+        node.stderr_tail()
+    );
+    // Once the idle ones go, new connections are accepted again, and the
+    // stream that was open throughout still delivers.
+    drop(idle);
+    let (status, reply) = publish(
+        &node,
+        &publisher_token(),
+        &json!({"channel": "user:alice", "data": "still delivered"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    let event = alice
+        .next_data(WAIT)
+        .await
+        .expect("the open stream still delivers");
+    assert_eq!(event.data(), "still delivered");
+    assert_still_serves(&node).await;
+}

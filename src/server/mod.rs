@@ -46,6 +46,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -64,6 +65,9 @@ pub(crate) const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long writing one (non-streaming) response may take.
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often a listener held at its socket limit says so.
+const PAUSE_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// What the driver enforces for one listener.
 #[derive(Debug, Clone)]
 pub(crate) struct EdgeConfig {
@@ -72,6 +76,12 @@ pub(crate) struct EdgeConfig {
     /// Connections not (yet) streaming: reading a request, being answered
     /// or idle in keep-alive. Beyond it new connections get a 503.
     pub(crate) max_http_connections: usize,
+    /// Sockets of every kind (streams, requests, refusals being written)
+    /// the listener holds at once. At it the listener stops accepting until
+    /// one closes: new connections wait in the kernel's backlog instead of
+    /// failing at `accept` with EMFILE and taking the node's last
+    /// descriptors (Redis, the admin listener) with them.
+    pub(crate) max_sockets: usize,
 }
 
 /// Accepts connections until `stop` fires; each connection runs on
@@ -90,7 +100,32 @@ pub(crate) async fn serve(
         stop: stop.clone(),
         http_connections: AtomicUsize::new(0),
     });
+    let sockets = Arc::new(Semaphore::new(
+        edge.config.max_sockets.clamp(1, Semaphore::MAX_PERMITS),
+    ));
+    let mut warned: Option<Instant> = None;
     loop {
+        let socket = match sockets.clone().try_acquire_owned() {
+            Ok(socket) => socket,
+            Err(_) => {
+                // At the limit every close lets one in: say so now and then.
+                if warned.is_none_or(|at| at.elapsed() >= PAUSE_WARN_EVERY) {
+                    warned = Some(Instant::now());
+                    tracing::warn!(
+                        max_sockets = edge.config.max_sockets,
+                        "listener at its socket limit (open files): \
+                         accepting paused until a connection closes"
+                    );
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    socket = sockets.clone().acquire_owned() => match socket {
+                        Ok(socket) => socket,
+                        Err(_) => return, // never closed
+                    },
+                }
+            }
+        };
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
@@ -108,6 +143,7 @@ pub(crate) async fn serve(
         let _ = stream.set_nodelay(true);
         let edge = edge.clone();
         tracker.spawn(async move {
+            let _socket = socket;
             let Some(permit) = HttpPermit::take(&edge) else {
                 crate::metrics::get().rejected(crate::metrics::RejectReason::Limit);
                 let mut stream = stream;

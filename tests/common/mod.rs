@@ -88,8 +88,31 @@ impl Node {
         Node::launch(None, args, &[])
     }
 
+    /// Starts a node whose process may open only `open_files` descriptors
+    /// (soft and hard limit, set by the shell that execs it).
+    pub(crate) fn start_with_open_files(open_files: u64, args: &[&str]) -> Node {
+        Node::launch_limited(Some(SECRET), args, &[], Some(open_files))
+    }
+
     fn launch(secret: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Node {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        Node::launch_limited(secret, args, env, None)
+    }
+
+    fn launch_limited(
+        secret: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+        open_files: Option<u64>,
+    ) -> Node {
+        let mut cmd = match open_files {
+            None => Command::new(env!("CARGO_BIN_EXE_herald")),
+            Some(limit) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", &format!("ulimit -n {limit} && exec \"$0\" \"$@\"")])
+                    .arg(env!("CARGO_BIN_EXE_herald"));
+                sh
+            }
+        };
         cmd.envs(env.iter().copied());
         // A developer's HERALD_* environment must not leak into the tests.
         for (key, _) in std::env::vars_os() {
