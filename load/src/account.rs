@@ -1,6 +1,12 @@
 //! Per-client bookkeeping of which messages arrived: the ground truth for
 //! "lost", "duplicated" and "out of order".
 //!
+//! Order is the order of the channel's stream, where the stream id is
+//! known (Herald's cursor names it): publishers running side by side may
+//! commit message 8 before message 7, and a client getting them in that
+//! order gets them in order. Without a stream id (nchan) it falls back to
+//! the publisher's numbering.
+//!
 //! Message `k` (0-based, the `seq` in its payload) goes either to every
 //! client (broadcast: stride 1) or to client `k mod N` (unicast: stride N,
 //! offset = the client's index). A client keeps one bit per message meant
@@ -9,6 +15,7 @@
 //! whose publish failed or whose outcome is unknown are excluded from what
 //! is expected, but one that arrives anyway is simply counted as delivered.
 
+use herald::StreamId;
 use serde::{Deserialize, Serialize};
 
 /// What one arriving message was, for this client.
@@ -34,6 +41,8 @@ pub(crate) struct SeqTracker {
     /// Bit `i` = message `offset + i * stride` arrived.
     bits: Vec<u64>,
     max_index: Option<u64>,
+    /// The newest stream position seen, when arrivals carry one.
+    max_position: Option<StreamId>,
     pub(crate) delivered: u64,
     pub(crate) duplicates: u64,
     pub(crate) out_of_order: u64,
@@ -49,6 +58,7 @@ impl SeqTracker {
             limit,
             bits: Vec::new(),
             max_index: None,
+            max_position: None,
             delivered: 0,
             duplicates: 0,
             out_of_order: 0,
@@ -56,7 +66,9 @@ impl SeqTracker {
         }
     }
 
-    pub(crate) fn record(&mut self, seq: u64) -> Arrival {
+    /// Records message `seq`, which the stream placed at `position` if
+    /// known.
+    pub(crate) fn record(&mut self, seq: u64, position: Option<StreamId>) -> Arrival {
         if seq >= self.limit || seq % self.stride != self.offset {
             self.misrouted += 1;
             return Arrival::Misrouted;
@@ -72,11 +84,18 @@ impl SeqTracker {
         }
         self.bits[word] |= 1 << bit;
         self.delivered += 1;
-        if self.max_index.is_some_and(|m| index < m) {
+        let late = match position {
+            Some(p) => self.max_position.is_some_and(|m| p <= m),
+            None => self.max_index.is_some_and(|m| index < m),
+        };
+        self.max_index = Some(self.max_index.map_or(index, |m| m.max(index)));
+        if let Some(p) = position {
+            self.max_position = Some(self.max_position.map_or(p, |m| m.max(p)));
+        }
+        if late {
             self.out_of_order += 1;
             return Arrival::OutOfOrder;
         }
-        self.max_index = Some(index);
         Arrival::New
     }
 
@@ -190,7 +209,7 @@ mod tests {
     fn broadcast_in_order_complete() {
         let mut t = SeqTracker::new(1, 0, 100);
         for k in 0..100 {
-            assert_eq!(t.record(k), Arrival::New);
+            assert_eq!(t.record(k, None), Arrival::New);
         }
         let tally = t.tally(100, &[]);
         assert_eq!(tally.expected, 100);
@@ -205,7 +224,7 @@ mod tests {
     fn loss_duplicates_and_order() {
         let mut t = SeqTracker::new(1, 0, 200);
         for k in [0, 1, 3, 2, 3, 3, 5, 150] {
-            t.record(k);
+            t.record(k, None);
         }
         let tally = t.tally(200, &[]);
         assert_eq!(tally.expected, 200);
@@ -218,15 +237,33 @@ mod tests {
     }
 
     #[test]
+    fn order_is_the_streams_where_it_is_known() {
+        let at = |ms| Some(StreamId { ms, seq: 0 });
+        let mut t = SeqTracker::new(1, 0, 10);
+        // Two publishers side by side: 1 was committed before 0.
+        assert_eq!(t.record(1, at(10)), Arrival::New);
+        assert_eq!(t.record(0, at(11)), Arrival::New);
+        assert_eq!(t.record(2, at(12)), Arrival::New);
+        // A message placed before one already seen is out of order.
+        assert_eq!(t.record(3, at(11)), Arrival::OutOfOrder);
+        assert_eq!(t.record(2, at(12)), Arrival::Duplicate);
+        let tally = t.tally(4, &[]);
+        assert_eq!(
+            (tally.out_of_order, tally.duplicates, tally.lost),
+            (1, 1, 0)
+        );
+    }
+
+    #[test]
     fn unicast_stride() {
         // Client 3 of 10: messages 3, 13, 23, ... are its own.
         let mut t = SeqTracker::new(10, 3, 100);
-        assert_eq!(t.record(13), Arrival::New);
-        assert_eq!(t.record(3), Arrival::OutOfOrder);
-        assert_eq!(t.record(4), Arrival::Misrouted);
-        assert_eq!(t.record(13), Arrival::Duplicate);
-        assert_eq!(t.record(103), Arrival::Misrouted); // beyond the run
-                                                       // 35 published: 3, 13, 23, 33 meant for it.
+        assert_eq!(t.record(13, None), Arrival::New);
+        assert_eq!(t.record(3, None), Arrival::OutOfOrder);
+        assert_eq!(t.record(4, None), Arrival::Misrouted);
+        assert_eq!(t.record(13, None), Arrival::Duplicate);
+        assert_eq!(t.record(103, None), Arrival::Misrouted); // beyond the run
+                                                             // 35 published: 3, 13, 23, 33 meant for it.
         let tally = t.tally(35, &[]);
         assert_eq!((tally.expected, tally.received, tally.lost), (4, 2, 2));
         assert_eq!(tally.misrouted, 2);
@@ -239,7 +276,7 @@ mod tests {
     fn excluded_publishes_are_not_expected() {
         let mut t = SeqTracker::new(1, 0, 10);
         for k in [0, 1, 2, 4] {
-            t.record(k);
+            t.record(k, None);
         }
         // 3 failed to publish, 4 is uncertain yet arrived, 9 never published.
         let tally = t.tally(6, &[3, 4]);
@@ -253,7 +290,7 @@ mod tests {
     fn bit_boundaries() {
         let mut t = SeqTracker::new(1, 0, 1000);
         for k in (0..130).filter(|k| k % 2 == 0) {
-            t.record(k);
+            t.record(k, None);
         }
         assert_eq!(t.tally(64, &[]).received, 32);
         assert_eq!(t.tally(65, &[]).received, 33);
@@ -264,11 +301,11 @@ mod tests {
     #[test]
     fn tallies_add_up() {
         let mut a = SeqTracker::new(1, 0, 10);
-        a.record(0);
-        a.record(0);
+        a.record(0, None);
+        a.record(0, None);
         let mut b = SeqTracker::new(1, 0, 10);
-        b.record(0);
-        b.record(1);
+        b.record(0, None);
+        b.record(1, None);
         let mut sum = Tally::default();
         sum.add(&a.tally(2, &[]));
         sum.add(&b.tally(2, &[]));

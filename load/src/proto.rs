@@ -198,10 +198,32 @@ pub(crate) struct WorkerResult {
     /// while a broadcast went out.
     #[serde(default)]
     pub(crate) unicast_samples: Vec<(u64, u64)>,
-    /// The first duplicates seen: (client, is broadcast, seq, arrived as
-    /// replay), to tell a server's double delivery from a double publish.
+    /// The first duplicates seen, to tell a server's double delivery from
+    /// a double publish.
     #[serde(default)]
-    pub(crate) duplicate_samples: Vec<(u64, bool, u64, bool)>,
+    pub(crate) duplicate_samples: Vec<DuplicateSample>,
+}
+
+/// One message a client got twice.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DuplicateSample {
+    pub(crate) client: u64,
+    pub(crate) broadcast: bool,
+    pub(crate) seq: u64,
+    /// The first arrival, where known (unicasts), and the duplicate.
+    pub(crate) first: Option<Delivery>,
+    pub(crate) again: Delivery,
+}
+
+/// Where and how one message reached a client.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) struct Delivery {
+    /// The target (node) the client's stream was on.
+    pub(crate) target: usize,
+    /// Which of the client's streams (1 = its first).
+    pub(crate) stream: u32,
+    /// Replayed after a resume, rather than live.
+    pub(crate) replay: bool,
 }
 
 /// Live-delivery latency of one phase, by kind.

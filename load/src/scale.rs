@@ -44,11 +44,14 @@ use tokio::sync::mpsc;
 use crate::account::Tally;
 use crate::net::{check_redis_url, mint_token, unix_now_us, HttpConn, Target};
 use crate::procfs;
-use crate::proto::{new_histogram, Fanout, Mixed, ToWorker, WorkerPlan, WorkerResult};
+use crate::proto::{
+    new_histogram, Delivery, DuplicateSample, Fanout, Mixed, ToWorker, WorkerPlan, WorkerResult,
+};
 use crate::publish::{self, PublishPlan, Published, Via};
 use crate::report::Pcts;
 use crate::run::{shares, Fleet, Ui};
 use crate::{parse_duration, Kind, Signal};
+use herald::fuzzing::Channel;
 
 /// The event name broadcasts carry, so clients tell the two streams apart.
 const BROADCAST_EVENT: &str = "bcast";
@@ -568,9 +571,21 @@ pub(crate) struct ScaleReport {
     pub(crate) server_cpu_s_per_million: Option<f64>,
     pub(crate) load_cpu_s_per_million: Option<f64>,
     pub(crate) load_rss_kib: u64,
-    /// The first duplicates: (client, broadcast?, seq, arrived as replay,
-    /// its publish was uncertain).
-    pub(crate) duplicates: Vec<(u64, bool, u64, bool, bool)>,
+    /// The first duplicates, with what tells a double delivery from a
+    /// double publish.
+    pub(crate) duplicates: Vec<Duplicate>,
+}
+
+/// A message some client got twice.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Duplicate {
+    #[serde(flatten)]
+    pub(crate) sample: DuplicateSample,
+    /// Its publish was uncertain (sent, no answer).
+    pub(crate) uncertain: bool,
+    /// How many entries of the channel's history carry its seq (read at
+    /// the end of the run; 2 = published twice). `None` if not read.
+    pub(crate) in_history: Option<usize>,
 }
 
 // ------------------------------------------------------------------ run
@@ -1209,9 +1224,13 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
             p.unicast.add_to(&mut phase_h[i].0);
             p.broadcast.add_to(&mut phase_h[i].1);
         }
-        for &(client, is_b, seq, replayed) in &r.duplicate_samples {
-            let ex = if is_b { &b_ex_all } else { &u_ex_all };
-            duplicates.push((client, is_b, seq, replayed, ex.binary_search(&seq).is_ok()));
+        for d in &r.duplicate_samples {
+            let ex = if d.broadcast { &b_ex_all } else { &u_ex_all };
+            duplicates.push(Duplicate {
+                sample: d.clone(),
+                uncertain: ex.binary_search(&d.seq).is_ok(),
+                in_history: None,
+            });
         }
         for &(sent_us, lat) in &r.unicast_samples {
             // Within a second after a broadcast's scheduled publish.
@@ -1284,6 +1303,7 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
     for point in &mut series {
         point.t_s -= shift;
     }
+    count_in_history(args, &mut duplicates).await;
     Ok(ScaleReport {
         label: args.label.clone(),
         command: crate::run::command_line(),
@@ -1328,6 +1348,55 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
         load_rss_kib: load_rss,
         duplicates,
     })
+}
+
+/// A history entry as `XRANGE` returns it: id and field-value pairs.
+type HistoryEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// Counts, for each duplicate, the entries of its channel's history that
+/// carry its seq: one means a node delivered one message twice, two that
+/// it was published twice. One Redis only (a cluster's keys are spread).
+async fn count_in_history(args: &ScaleArgs, duplicates: &mut [Duplicate]) {
+    if args.redis_cluster || duplicates.is_empty() {
+        return;
+    }
+    let Ok(client) = redis::Client::open(args.redis_url.as_str()) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    for d in duplicates.iter_mut().take(8) {
+        let name = if d.sample.broadcast {
+            "broadcast".to_string()
+        } else {
+            format!("user:u{}", d.sample.client)
+        };
+        let Ok(channel) = Channel::parse(&name) else {
+            continue;
+        };
+        let key = channel.history_key(&args.channel_prefix);
+        let entries: Result<Vec<HistoryEntry>, _> = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await;
+        let Ok(entries) = entries else {
+            continue;
+        };
+        d.in_history = Some(
+            entries
+                .iter()
+                .filter(|(_, fields)| {
+                    fields.iter().any(|(_, value)| {
+                        crate::wire::parse_payload(value)
+                            .is_some_and(|(seq, _)| seq == d.sample.seq)
+                    })
+                })
+                .count(),
+        );
+    }
 }
 
 /// The PID of the redis-server listening on the (first) Redis URL's port,
@@ -1540,16 +1609,34 @@ pub(crate) fn markdown(r: &ScaleReport) -> String {
         let d: Vec<String> = r
             .duplicates
             .iter()
-            .map(|(c, b, seq, replay, uncertain)| {
+            .map(|d| {
+                let how = |x: &Delivery| {
+                    format!(
+                        "{} on node {} (stream {})",
+                        if x.replay { "replayed" } else { "live" },
+                        x.target,
+                        x.stream
+                    )
+                };
+                let s = &d.sample;
                 format!(
-                    "u{c} {} {seq}{}{}",
-                    if *b { "broadcast" } else { "unicast" },
-                    if *replay { " (as replay)" } else { " (live)" },
-                    if *uncertain {
+                    "u{} {} {}: {}again {}{}{}",
+                    s.client,
+                    if s.broadcast { "broadcast" } else { "unicast" },
+                    s.seq,
+                    s.first
+                        .as_ref()
+                        .map(|f| format!("first {}, ", how(f)))
+                        .unwrap_or_default(),
+                    how(&s.again),
+                    if d.uncertain {
                         ", publish uncertain"
                     } else {
                         ""
-                    }
+                    },
+                    d.in_history
+                        .map(|n| format!(", {n} in the channel's history"))
+                        .unwrap_or_default()
                 )
             })
             .collect();

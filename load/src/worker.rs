@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
+use herald::fuzzing::{Channel, Cursor};
+use herald::StreamId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
@@ -24,8 +26,8 @@ use tokio::sync::{mpsc, Notify};
 use crate::account::{Arrival, SeqTracker, Tally};
 use crate::net::{connect, mint_token, unix_now_us};
 use crate::proto::{
-    new_histogram, Counters, Fanout, FromWorker, Hist, PhaseLatency, Progress, ToWorker,
-    WorkerPlan, WorkerResult,
+    new_histogram, Counters, Delivery, DuplicateSample, Fanout, FromWorker, Hist, PhaseLatency,
+    Progress, ToWorker, WorkerPlan, WorkerResult,
 };
 use crate::wire::{parse_head, parse_payload, BodyDecoder, SseItem, SseParser};
 
@@ -68,7 +70,15 @@ struct Slot {
     kick: Option<Rc<Notify>>,
     /// Mixed traffic: the broadcasts (`tracker` holds the unicasts).
     broadcast: Option<SeqTracker>,
+    /// Streams this client has had.
+    streams: u32,
+    /// The first few messages of `tracker` to arrive, and how: a duplicate
+    /// of one says where both copies came from.
+    arrivals: Vec<(u64, Delivery)>,
 }
+
+/// Arrivals a slot remembers (unicasts are a few per client).
+const ARRIVALS_KEPT: usize = 4;
 
 /// The worker's state, shared by its client tasks on one thread.
 struct Shared {
@@ -93,7 +103,7 @@ struct Shared {
     phase: usize,
     phase_latency: Vec<(Histogram<u64>, Histogram<u64>)>,
     unicast_samples: Vec<(u64, u64)>,
-    duplicate_samples: Vec<(u64, bool, u64, bool)>,
+    duplicate_samples: Vec<DuplicateSample>,
     /// Targets that take connections (the first this many).
     active_targets: usize,
 }
@@ -153,6 +163,8 @@ async fn worker_main(plan: WorkerPlan) -> anyhow::Result<()> {
                 tried: false,
                 ever_ready: false,
                 kick: churn.then(|| Rc::new(Notify::new())),
+                streams: 0,
+                arrivals: Vec::new(),
             }
         })
         .collect();
@@ -365,6 +377,10 @@ async fn client(slot: usize, shared: SharedRef) {
         mint_token(secret, &user, Duration::from_secs(plan.token_ttl_s), None).unwrap_or_default()
     });
     let path = plan.events_path.replace("{user}", &user);
+    let channels = Channels {
+        user: Channel::parse(&format!("user:{user}")).ok(),
+        broadcast: Channel::parse("broadcast").ok(),
+    };
     let source: Option<Ipv4Addr> = if plan.source_addrs.is_empty() {
         None
     } else {
@@ -399,6 +415,7 @@ async fn client(slot: usize, shared: SharedRef) {
             &mut ever_ready,
             &mut disconnected_at,
             kick.as_deref(),
+            &channels,
         )
         .await;
         let kicked = {
@@ -472,6 +489,7 @@ async fn stream_once(
     ever_ready: &mut bool,
     disconnected_at: &mut Option<Instant>,
     kick: Option<&Notify>,
+    channels: &Channels,
 ) -> Result<End, String> {
     let t = &plan.targets[target];
     let mut stream: TcpStream = connect(
@@ -534,6 +552,7 @@ async fn stream_once(
         if resuming {
             s.counters.resumed_with_cursor += 1;
         }
+        s.slots[slot].streams += 1;
     }
     parser.reset_keep_id();
     let mut body = BodyDecoder::new(head.framing);
@@ -547,6 +566,8 @@ async fn stream_once(
         ever_ready,
         disconnected_at,
         replaying: &mut replaying,
+        channels,
+        target,
     };
     if plan.ready_event.is_none() {
         ctx.on_ready();
@@ -598,6 +619,9 @@ struct StreamCtx<'a> {
     disconnected_at: &'a mut Option<Instant>,
     /// Resumed with a cursor and not yet caught up: what arrives is replay.
     replaying: &'a mut bool,
+    channels: &'a Channels,
+    /// The target this stream is on.
+    target: usize,
 }
 
 impl StreamCtx<'_> {
@@ -645,26 +669,46 @@ impl StreamCtx<'_> {
         match *item {
             SseItem::Retry(ms) => Ev::Retry(ms),
             SseItem::Comment(_) => Ev::Comment,
-            SseItem::Event { event, data, .. } => {
+            SseItem::Event { event, data, id } => {
                 if self.plan.ready_event.as_deref().map(str::as_bytes) == Some(event) {
                     return Ev::Ready;
                 }
                 match event {
                     b"herald.reset" => Ev::Reset,
                     b"herald.expired" => Ev::Expired,
-                    _ => match parse_payload(data) {
-                        Some((seq, sent_us))
-                            if self
-                                .plan
-                                .mixed
-                                .as_ref()
-                                .is_some_and(|m| m.broadcast_event.as_bytes() == event) =>
-                        {
-                            Ev::Broadcast { seq, sent_us }
+                    _ => {
+                        let Some((seq, sent_us)) = parse_payload(data) else {
+                            return Ev::Foreign;
+                        };
+                        let mixed_broadcast = self
+                            .plan
+                            .mixed
+                            .as_ref()
+                            .is_some_and(|m| m.broadcast_event.as_bytes() == event);
+                        let on_broadcast = match self.plan.mixed {
+                            Some(_) => mixed_broadcast,
+                            None => self.plan.fanout == Fanout::Broadcast,
+                        };
+                        let channel = if on_broadcast {
+                            &self.channels.broadcast
+                        } else {
+                            &self.channels.user
+                        };
+                        let position = position_in(id, channel.as_ref());
+                        if mixed_broadcast {
+                            Ev::Broadcast {
+                                seq,
+                                sent_us,
+                                position,
+                            }
+                        } else {
+                            Ev::Message {
+                                seq,
+                                sent_us,
+                                position,
+                            }
                         }
-                        Some((seq, sent_us)) => Ev::Message { seq, sent_us },
-                        None => Ev::Foreign,
-                    },
+                    }
                 }
             }
         }
@@ -682,25 +726,51 @@ impl StreamCtx<'_> {
             Ev::Reset => self.shared.borrow_mut().counters.resets += 1,
             Ev::Expired => self.shared.borrow_mut().counters.expired += 1,
             Ev::Foreign => self.shared.borrow_mut().counters.foreign_events += 1,
-            Ev::Message { seq, sent_us } | Ev::Broadcast { seq, sent_us } => {
+            Ev::Message {
+                seq,
+                sent_us,
+                position,
+            }
+            | Ev::Broadcast {
+                seq,
+                sent_us,
+                position,
+            } => {
                 let is_broadcast = matches!(ev, Ev::Broadcast { .. });
                 let mut s = self.shared.borrow_mut();
                 let s = &mut *s;
                 let slot = &mut s.slots[self.slot];
-                let tracker = match (is_broadcast, slot.broadcast.as_mut()) {
-                    (true, Some(b)) => b,
-                    _ => &mut slot.tracker,
+                let delivery = Delivery {
+                    target: self.target,
+                    stream: slot.streams,
+                    replay: *self.replaying,
+                };
+                let (tracker, arrivals) = match (is_broadcast, slot.broadcast.as_mut()) {
+                    (true, Some(b)) => (b, None),
+                    _ => (&mut slot.tracker, Some(&mut slot.arrivals)),
                 };
                 let before = tracker.delivered;
                 let dups_before = tracker.duplicates;
-                let arrival = tracker.record(seq);
+                let arrival = tracker.record(seq, position);
                 s.progress.delivered += tracker.delivered - before;
                 s.progress.duplicates += tracker.duplicates - dups_before;
                 let lat = now_us.saturating_sub(sent_us).clamp(1, 3_600_000_000);
+                let mut first = None;
+                if let Some(arrivals) = arrivals {
+                    if arrival == Arrival::Duplicate {
+                        first = arrivals.iter().find(|(k, _)| *k == seq).map(|(_, d)| *d);
+                    } else if arrival != Arrival::Misrouted && arrivals.len() < ARRIVALS_KEPT {
+                        arrivals.push((seq, delivery));
+                    }
+                }
                 if arrival == Arrival::Duplicate && s.duplicate_samples.len() < 32 {
-                    let global = s.plan.first_client + self.slot as u64;
-                    s.duplicate_samples
-                        .push((global, is_broadcast, seq, *self.replaying));
+                    s.duplicate_samples.push(DuplicateSample {
+                        client: s.plan.first_client + self.slot as u64,
+                        broadcast: is_broadcast,
+                        seq,
+                        first,
+                        again: delivery,
+                    });
                 }
                 let hist = if *self.replaying {
                     &mut s.replay_latency
@@ -741,15 +811,31 @@ enum Ev {
     Reset,
     Expired,
     Foreign,
+    /// `position`: where the channel's stream placed it, from the cursor.
     Message {
         seq: u64,
         sent_us: u64,
+        position: Option<StreamId>,
     },
     /// Mixed traffic: a broadcast (its own sequence space).
     Broadcast {
         seq: u64,
         sent_us: u64,
+        position: Option<StreamId>,
     },
+}
+
+/// The clients' two channels, for reading their position off a cursor.
+struct Channels {
+    user: Option<Channel>,
+    broadcast: Option<Channel>,
+}
+
+/// Where `channel`'s stream placed the event whose `id:` is `id`: Herald's
+/// cursor holds it. `None` for any other server's ids.
+fn position_in(id: &[u8], channel: Option<&Channel>) -> Option<StreamId> {
+    let cursor = Cursor::decode(std::str::from_utf8(id).ok()?).ok()?;
+    cursor.get(channel?)
 }
 
 fn io_kind(e: &std::io::Error) -> String {
