@@ -4,7 +4,10 @@
 //! One dispatch task receives every message the broker delivers, validates
 //! and encodes it once into a shared [`Frame`], and `try_send`s an `Arc` of it
 //! into each subscribed connection's bounded queue. A full queue marks that
-//! connection slow and cuts it; nobody else waits. The first connection on a
+//! connection slow and cuts it; nobody else waits. A channel with more
+//! connections than [`FANOUT_CHUNK`] is reached a chunk at a time, the task
+//! yielding in between, so a unicast never queues behind a whole broadcast
+//! (order holds within each channel, not across). The first connection on a
 //! channel subscribes the broker, the last one to leave unsubscribes it.
 //!
 //! The state sits behind a std mutex that is never held across an `.await`;
@@ -333,8 +336,13 @@ impl Hub {
         }
     }
 
-    /// Fans out one validated frame to every local connection of its channel.
-    pub(crate) fn dispatch(&self, mut frame: Frame) {
+    /// Fans out one validated frame to every local connection of its
+    /// channel: at once for a small channel; for one with more than
+    /// [`FANOUT_CHUNK`] connections (or one still fanning out an earlier
+    /// frame, so each connection gets a channel's frames in order) it
+    /// queues a job on `fanouts`, which [`Hub::dispatch_from`] works off a
+    /// chunk at a time.
+    fn dispatch(&self, mut frame: Frame, fanouts: &mut Fanouts) {
         let mut state = self.state();
         let Some(subscribers) = state.channels.get_mut(&frame.channel) else {
             return;
@@ -344,13 +352,18 @@ impl Hub {
         if let Some(id) = frame.id {
             subscribers.last_id = subscribers.last_id.max(id);
         }
+        if subscribers.links.len() > FANOUT_CHUNK || fanouts.has(&frame.channel) {
+            let links = subscribers.links.values().cloned().collect();
+            drop(state);
+            fanouts.jobs.push_back(Fanout {
+                frame,
+                links,
+                next: 0,
+            });
+            return;
+        }
         for link in subscribers.links.values() {
-            if link.is_killed() {
-                continue;
-            }
-            if !link.push(frame.clone()) {
-                link.cut_slow();
-            }
+            deliver(link, &frame);
         }
     }
 
@@ -366,13 +379,42 @@ impl Hub {
     /// Runs the dispatch loop until the broker's sender is dropped. What
     /// arrives on the control channel goes to `control` (the node's
     /// [`crate::control`] task), never to a connection.
+    ///
+    /// Large fanouts go out [`FANOUT_CHUNK`] connections at a time, yielding
+    /// in between, so the node's other work (a unicast arriving meanwhile,
+    /// reads, accepts) never waits behind a whole 100,000-way broadcast.
     pub(crate) async fn dispatch_from(
         self,
         mut deliveries: mpsc::UnboundedReceiver<Delivery>,
         control: mpsc::Sender<Bytes>,
     ) {
         let max_payload = self.shared.config.max_payload;
-        while let Some(delivery) = deliveries.recv().await {
+        let mut fanouts = Fanouts::default();
+        loop {
+            let delivery = if fanouts.jobs.is_empty() {
+                deliveries.recv().await
+            } else if fanouts.jobs.len() < MAX_FANOUTS {
+                // What arrived meanwhile first, then the next chunk.
+                match deliveries.try_recv() {
+                    Ok(delivery) => Some(delivery),
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        fanouts.push_chunk();
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                }
+            } else {
+                // Bounded: a node that falls this far behind finishes its
+                // fanouts before it reads more (its queue is the broker's).
+                fanouts.push_chunk();
+                tokio::task::yield_now().await;
+                continue;
+            };
+            let Some(delivery) = delivery else {
+                fanouts.finish();
+                return;
+            };
             match delivery {
                 Delivery::Message { channel, payload } if channel.is_control() => {
                     if control.try_send(payload).is_err() {
@@ -382,10 +424,10 @@ impl Hub {
                 Delivery::Message { channel, payload } => {
                     metrics::get().received.increment(1);
                     if let Some(frame) = Frame::decode(channel, &payload, max_payload) {
-                        self.dispatch(frame);
+                        self.dispatch(frame, &mut fanouts);
                     }
                 }
-                Delivery::Resubscribed => self.refill().await,
+                Delivery::Resubscribed => self.refill(&mut fanouts).await,
             }
         }
     }
@@ -394,7 +436,7 @@ impl Hub {
     /// channel's history after the newest id this node dispatched, so what
     /// was published meanwhile is not lost. Connections drop what they
     /// already have (ids at or below their position).
-    async fn refill(&self) {
+    async fn refill(&self, fanouts: &mut Fanouts) {
         let started = Instant::now();
         let active: Vec<(Channel, StreamId)> = self
             .state()
@@ -428,7 +470,7 @@ impl Hub {
                     for (_, payload) in entries {
                         if let Some(frame) = Frame::decode(channel.clone(), &payload, max_payload) {
                             refilled += 1;
-                            self.dispatch(frame);
+                            self.dispatch(frame, fanouts);
                         }
                     }
                 }
@@ -448,6 +490,66 @@ impl Hub {
             }
         }
         tracing::info!(refilled, elapsed = ?started.elapsed(), "refilled channels after broker reconnect");
+    }
+}
+
+/// Connections a large fanout reaches before the dispatch task yields.
+const FANOUT_CHUNK: usize = 512;
+/// Fanouts in progress before the dispatch task stops reading new frames.
+const MAX_FANOUTS: usize = 16;
+
+/// Pushes `frame` into one connection's queue, cutting it if it is full.
+fn deliver(link: &Link, frame: &Arc<Frame>) {
+    if link.is_killed() {
+        return;
+    }
+    if !link.push(frame.clone()) {
+        link.cut_slow();
+    }
+}
+
+/// One frame on its way to a large channel's connections, as they were
+/// when it arrived.
+struct Fanout {
+    frame: Arc<Frame>,
+    links: Vec<Link>,
+    /// The first connection not yet reached.
+    next: usize,
+}
+
+/// The dispatch task's fanouts in progress, oldest first.
+#[derive(Default)]
+struct Fanouts {
+    jobs: std::collections::VecDeque<Fanout>,
+}
+
+impl Fanouts {
+    /// Whether a frame of `channel` is still going out (a later one must
+    /// wait behind it).
+    fn has(&self, channel: &Channel) -> bool {
+        self.jobs.iter().any(|job| job.frame.channel == *channel)
+    }
+
+    /// Reaches the next [`FANOUT_CHUNK`] connections of the oldest fanout.
+    fn push_chunk(&mut self) {
+        let Some(job) = self.jobs.front_mut() else {
+            return;
+        };
+        let end = (job.next + FANOUT_CHUNK).min(job.links.len());
+        for link in &job.links[job.next..end] {
+            deliver(link, &job.frame);
+        }
+        job.next = end;
+        if end == job.links.len() {
+            self.jobs.pop_front();
+        }
+    }
+
+    /// Completes every fanout (the broker is gone: nothing new comes).
+    fn finish(&mut self) {
+        while !self.jobs.is_empty() {
+            self.push_chunk();
+        }
     }
 }
 
@@ -558,6 +660,85 @@ fn jittered_age(age: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::memory::MemoryBroker;
+
+    fn message(channel: &Channel, id: u64) -> Delivery {
+        let data = serde_json::value::to_raw_value(&id).expect("a number");
+        let id = StreamId { ms: id, seq: 0 };
+        let payload = crate::envelope::encode(Some(id), None, &data, crate::envelope::now_ms());
+        Delivery::Message {
+            channel: channel.clone(),
+            payload: Bytes::from(payload),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_unicast_does_not_wait_behind_a_large_fanout() {
+        let (deliveries, incoming) = mpsc::unbounded_channel();
+        let broker = Arc::new(MemoryBroker::new(
+            deliveries.clone(),
+            16,
+            Duration::from_secs(60),
+        ));
+        let hub = Hub::new(
+            broker,
+            HubConfig {
+                max_connections: 10_000,
+                max_connections_per_user: 4,
+                queue_capacity: 16,
+                max_payload: 1024,
+                heartbeat: Duration::from_secs(60),
+                max_connection_age: None,
+            },
+        );
+        let broadcast = Channel::parse("broadcast").expect("valid");
+        let alice = Channel::parse("user:alice").expect("valid");
+        let mut many = Vec::new();
+        for i in 0..4 * FANOUT_CHUNK {
+            let mut sub = hub
+                .connect(&format!("u{i}"), vec![broadcast.clone()], u64::MAX)
+                .expect("room");
+            sub.wait_live(Duration::from_secs(5)).await.expect("live");
+            many.push(sub);
+        }
+        let mut one = hub
+            .connect("alice", vec![alice.clone()], u64::MAX)
+            .expect("room");
+        one.wait_live(Duration::from_secs(5)).await.expect("live");
+
+        // A broadcast and then a unicast, both waiting when dispatch starts.
+        deliveries.send(message(&broadcast, 1)).expect("open");
+        deliveries.send(message(&alice, 2)).expect("open");
+        deliveries.send(message(&broadcast, 3)).expect("open");
+        let (control, _control) = mpsc::channel(1);
+        let task = tokio::spawn(hub.clone().dispatch_from(incoming, control));
+        while one.mailbox.try_pop().is_none() {
+            tokio::task::yield_now().await;
+        }
+        let id_of = |frame: Arc<Frame>| frame.id.map_or(0, |i| i.ms);
+        let mut seen: Vec<Vec<u64>> = many
+            .iter()
+            .map(|sub| sub.mailbox.try_pop().map(id_of).into_iter().collect())
+            .collect();
+        let reached = seen.iter().filter(|ids| !ids.is_empty()).count();
+        assert!(
+            reached < many.len(),
+            "the unicast waited until the broadcast reached all {reached}"
+        );
+        // Then every connection gets both broadcasts, in order.
+        for _ in 0..1_000 {
+            if seen.iter().all(|ids| ids.len() == 2) {
+                break;
+            }
+            tokio::task::yield_now().await;
+            for (sub, ids) in many.iter().zip(seen.iter_mut()) {
+                ids.extend(std::iter::from_fn(|| sub.mailbox.try_pop()).map(id_of));
+            }
+        }
+        assert!(seen.iter().all(|ids| ids == &[1, 3]), "each gets 1 then 3");
+        drop(deliveries);
+        task.abort();
+    }
 
     #[test]
     fn ages_spread_over_ten_percent_either_side() {
