@@ -334,3 +334,65 @@ async fn a_silently_dead_pubsub_connection_is_detected_and_its_gap_refilled() {
     );
     assert!(!alice.ended());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pubsub_connection_that_is_late_but_delivering_is_kept() {
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.port()).await;
+    let url = proxy.url();
+    let node = Node::start(&["--redis-url", &url, "--redis-probe-interval", "500ms"]);
+    let mut alice = Sse::open(&node, &token("alice")).await;
+    let mut app = Resp::connect(redis.port()).await;
+    let sha = app.load_publish_script().await;
+
+    // Every Redis → node byte now arrives 800 ms late, more than the
+    // probe's half-interval: like a node working through a backlog. The
+    // messages keep coming, so the connection is slow, not dead.
+    proxy.lag_existing(Duration::from_millis(800));
+    let sent: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    for m in &sent {
+        app.script_publish(&sha, "user:alice", "", &format!("\"{m}\""))
+            .await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let event = alice.next_data(WAIT).await;
+        got.push(data_of(event, "late, but delivered"));
+    }
+    assert_eq!(got, sent, "all of them, once, in order");
+    assert_eq!(
+        metric(&node, "herald_redis_reconnects_total").await,
+        0.0,
+        "a late connection is not given up: {}",
+        node.stderr_tail()
+    );
+    assert!(!alice.ended());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_answered_late_runs_once() {
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.port()).await;
+    let url = proxy.url();
+    let node = Node::start(&["--redis-url", &url]);
+    let mut alice = Sse::open(&node, &token("alice")).await;
+    publish_ok(&node, "user:alice", json!("m1")).await;
+    assert_eq!(data_of(alice.next_data(WAIT).await, "m1"), "m1");
+
+    // Redis answers the node's open connections 800 ms late: a loaded
+    // machine. The publish must wait for its answer, not time out and run
+    // the script again on a fresh connection.
+    proxy.lag_existing(Duration::from_millis(800));
+    publish_ok(&node, "user:alice", json!("m2")).await;
+    let mut app = Resp::connect(redis.port()).await;
+    let entries = app.call(&["XLEN", "herald:{user:alice}:h"]).await.int();
+    assert_eq!(entries, 2, "m2 was published once");
+    assert_eq!(data_of(alice.next_data(WAIT).await, "m2"), "m2");
+    publish_ok(&node, "user:alice", json!("m3")).await;
+    assert_eq!(
+        data_of(alice.next_data(WAIT).await, "m3"),
+        "m3",
+        "m2 came once"
+    );
+}

@@ -123,7 +123,9 @@ enum Failure {
     /// The connection broke (and was dropped from the pool): worth one more
     /// try on a fresh connection, e.g. after Redis restarted.
     Broken(BrokerError),
-    /// Anything else.
+    /// Anything else, a timeout included: a command that timed out reached
+    /// Redis and may have run, and running a publish twice would deliver
+    /// it twice.
     Failed(BrokerError),
 }
 
@@ -138,7 +140,10 @@ fn settle<T>(
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => {
             let message = unavailable(format!("{what}: {error}"));
-            if error.is_io_error() || error.is_unrecoverable_error() || error.is_timeout() {
+            if error.is_timeout() {
+                let _ = Object::take(conn);
+                Err(Failure::Failed(message))
+            } else if error.is_io_error() || error.is_unrecoverable_error() {
                 let _ = Object::take(conn);
                 Err(Failure::Broken(message))
             } else {
@@ -158,7 +163,7 @@ const SUBSCRIBE_BATCH: usize = 512;
 /// How many probe intervals a probe may stay out while other messages keep
 /// arriving (the node is reading a backlog) before the connection is
 /// given up as too far behind.
-const SLOW_PROBE_LIMIT: u32 = 6;
+pub(super) const SLOW_PROBE_LIMIT: u32 = 6;
 
 /// Channels per presence pipeline.
 const PRESENCE_BATCH: usize = 500;
@@ -245,7 +250,14 @@ impl RedisStore {
     /// A store for `config`; connects lazily, so it builds with Redis down.
     pub(crate) fn new(config: RedisConfig) -> Result<Self, BrokerError> {
         install_tls_provider();
-        let manager = deadpool_redis::Manager::new(config.url.as_str()).map_err(unavailable)?;
+        // The redis crate would give up on an answer after 500 ms; under
+        // load that is a publish that ran but reads as failed. Our own
+        // COMMAND_TIMEOUT bounds every command instead, as on a cluster.
+        let connection = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT));
+        let manager = deadpool_redis::Manager::new_with_config(config.url.as_str(), connection)
+            .map_err(unavailable)?;
         let pool = Pool::builder(Multiplexed(manager))
             .max_size(16)
             .wait_timeout(Some(COMMAND_TIMEOUT))

@@ -6,9 +6,13 @@
 //! connection is "up" but nothing arrives). Bytes the node sends still reach
 //! Redis, and connections accepted afterwards are forwarded normally, so a
 //! node that notices and reconnects recovers through the same proxy.
+//!
+//! `lag_existing` instead delays those bytes by a fixed time: a connection
+//! that still delivers everything, only late (a node reading a backlog).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -22,12 +26,21 @@ pub(crate) struct Proxy {
     accept: JoinHandle<()>,
 }
 
+/// One connection's fault.
+#[derive(Default)]
+struct Fault {
+    /// Drop Redis → client bytes.
+    blackhole: AtomicBool,
+    /// Deliver Redis → client bytes this many ms after they arrived.
+    lag_ms: AtomicU64,
+}
+
 #[derive(Default)]
 struct Shared {
     /// How many client connections were accepted so far.
     accepted: AtomicUsize,
-    /// Per connection: set to drop its Redis → client bytes.
-    blackholes: Mutex<Vec<Arc<AtomicBool>>>,
+    /// Per connection: what happens to its Redis → client bytes.
+    faults: Mutex<Vec<Arc<Fault>>>,
     /// Connection tasks, aborted when the proxy is dropped.
     tasks: Mutex<Vec<AbortHandle>>,
 }
@@ -65,8 +78,16 @@ impl Proxy {
     /// Silently stops delivering Redis → client bytes on every connection
     /// open now; later connections are unaffected.
     pub(crate) fn blackhole_existing(&self) {
-        for flag in self.shared.blackholes.lock().expect("proxy lock").iter() {
-            flag.store(true, Ordering::SeqCst);
+        for fault in self.shared.faults.lock().expect("proxy lock").iter() {
+            fault.blackhole.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Delivers Redis → client bytes `lag` late on every connection open
+    /// now (all of them, in order); later connections are unaffected.
+    pub(crate) fn lag_existing(&self, lag: Duration) {
+        for fault in self.shared.faults.lock().expect("proxy lock").iter() {
+            fault.lag_ms.store(lag.as_millis() as u64, Ordering::SeqCst);
         }
     }
 }
@@ -82,16 +103,16 @@ impl Drop for Proxy {
 
 async fn accept_loop(listener: TcpListener, upstream: u16, shared: Arc<Shared>) {
     while let Ok((client, _)) = listener.accept().await {
-        let blackhole = Arc::new(AtomicBool::new(false));
+        let fault = Arc::new(Fault::default());
         // Registered before the count goes up, so a test that saw the count
         // can rely on `blackhole_existing` covering the connection.
         shared
-            .blackholes
+            .faults
             .lock()
             .expect("proxy lock")
-            .push(blackhole.clone());
+            .push(fault.clone());
         shared.accepted.fetch_add(1, Ordering::SeqCst);
-        let task = tokio::spawn(forward(client, upstream, blackhole));
+        let task = tokio::spawn(forward(client, upstream, fault));
         shared
             .tasks
             .lock()
@@ -101,7 +122,7 @@ async fn accept_loop(listener: TcpListener, upstream: u16, shared: Arc<Shared>) 
 }
 
 /// Pumps both directions until either side closes.
-async fn forward(client: TcpStream, upstream: u16, blackhole: Arc<AtomicBool>) {
+async fn forward(client: TcpStream, upstream: u16, fault: Arc<Fault>) {
     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
         return;
     };
@@ -112,7 +133,9 @@ async fn forward(client: TcpStream, upstream: u16, blackhole: Arc<AtomicBool>) {
     let to_server = async {
         let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
     };
-    let to_client = async {
+    // Redis → client bytes, stamped when read, written once their lag is up.
+    let (late, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let from_server = async {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let n = match server_read.read(&mut buf).await {
@@ -121,16 +144,29 @@ async fn forward(client: TcpStream, upstream: u16, blackhole: Arc<AtomicBool>) {
             };
             // Read and discard rather than stop reading, so Redis never
             // sees back-pressure and cuts the client for its output buffer.
-            if blackhole.load(Ordering::SeqCst) {
+            if fault.blackhole.load(Ordering::SeqCst) {
                 continue;
             }
-            if client_write.write_all(&buf[..n]).await.is_err() {
+            let lag = Duration::from_millis(fault.lag_ms.load(Ordering::SeqCst));
+            if late
+                .send((tokio::time::Instant::now() + lag, buf[..n].to_vec()))
+                .is_err()
+            {
+                return;
+            }
+        }
+    };
+    let to_client = async {
+        while let Some((at, bytes)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if client_write.write_all(&bytes).await.is_err() {
                 return;
             }
         }
     };
     tokio::select! {
         _ = to_server => {}
+        _ = from_server => {}
         _ = to_client => {}
     }
 }
