@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::redis::{
     cluster_client, send_probe, unavailable, Command, Ended, RedisBroker, RedisConfig, RedisStore,
-    Sessions, Subscriptions, COMMAND_TIMEOUT,
+    Sessions, Subscriptions, COMMAND_TIMEOUT, SLOW_PROBE_LIMIT,
 };
 use super::{BrokerError, Deliveries, Delivery};
 use crate::channel::Channel;
@@ -342,6 +342,9 @@ impl ShardedTask {
         let interval = self.store.config().probe_interval;
         let mut probe = tokio::time::interval_at(Instant::now() + interval, interval);
         let mut probe_seq: u64 = 0;
+        // When any push last arrived: every shard's pushes come through one
+        // queue, so a relay still reading it is behind, not cut off.
+        let mut last_push = Instant::now();
         // Slot maps read in the background, at most one at a time.
         let (maps, mut seen_maps) = mpsc::channel::<Topology>(1);
         let mut reading: Option<tokio::task::JoinHandle<()>> = None;
@@ -354,6 +357,7 @@ impl ShardedTask {
                     let Some(push) = push else {
                         return Ended::Lost("cluster pub/sub closed".into());
                     };
+                    last_push = Instant::now();
                     if let Some(ended) = self.on_push(&mut session, &prefix, push) {
                         return ended;
                     }
@@ -379,7 +383,14 @@ impl ShardedTask {
                 _ = probe.tick() => {
                     for shard in &mut session.shards {
                         if let Some((_, sent)) = shard.outstanding {
-                            if sent.elapsed() < interval / 2 {
+                            // Late while pushes keep coming: the relay is
+                            // reading a backlog, and giving up would add a
+                            // resubscribe and a refill to it. Up to
+                            // SLOW_PROBE_LIMIT intervals, as with one Redis
+                            // (a dead shard among live ones is found then).
+                            let waited = sent.elapsed();
+                            let moving = last_push > sent && waited < interval * SLOW_PROBE_LIMIT;
+                            if waited < interval / 2 || moving {
                                 continue;
                             }
                             // Down; probed again from the next tick, so it
