@@ -115,8 +115,9 @@ pub(crate) struct ScaleArgs {
     /// Balanced: no node above this many times the mean.
     #[arg(long, default_value_t = 1.2)]
     pub(crate) balance: f64,
-    /// Node i listens on base+i, its admin listener on base+100+i.
-    #[arg(long, default_value_t = 45100)]
+    /// Node i listens on base+i, its admin listener on base+100+i; below
+    /// the kernel's ephemeral ports, which the clients' sockets take.
+    #[arg(long, default_value_t = 28100)]
     pub(crate) base_port: u16,
     /// The nodes' --drain-timeout.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -657,6 +658,13 @@ fn unicast_permutation(n: u64) -> (u64, u64) {
     (1, 1)
 }
 
+/// The kernel's ephemeral port range (`ip_local_port_range`).
+fn ephemeral_ports() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
+    Some((parts.next()?.ok()?, parts.next()?.ok()?))
+}
+
 fn port_free(port: u16) -> bool {
     TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
 }
@@ -678,6 +686,16 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
     let total_nodes = plan.nodes + plan.extra_nodes;
     if usize::from(args.base_port) + 100 + total_nodes > 65_535 {
         bail!("--base-port too high for {total_nodes} nodes");
+    }
+    if let Some((low, high)) = ephemeral_ports() {
+        let last = usize::from(args.base_port) + 100 + total_nodes;
+        if usize::from(args.base_port) <= usize::from(high) && last >= usize::from(low) {
+            bail!(
+                "--base-port: ports {}..={last} overlap the ephemeral range {low}-{high}; \
+                 a restarted node could find its port held by a client socket",
+                args.base_port
+            );
+        }
     }
     let ports: Vec<(u16, u16)> = (0..total_nodes)
         .map(|i| (args.base_port + i as u16, args.base_port + 100 + i as u16))
