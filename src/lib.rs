@@ -83,7 +83,7 @@ pub mod fuzzing {
     pub use crate::server::request::{
         body_too_large, parse_head, BodyFraming, Chunked, Head, Refusal, MAX_HEAD,
     };
-    pub use crate::sse::{encode_cursor, encode_message, Cursor};
+    pub use crate::sse::{encode_cursor, encode_message, position_in, Cursor};
 
     /// A publisher over a fresh embedded broker, for its checks; call it
     /// inside a tokio runtime (the broker's sweeper is spawned on it).

@@ -1,6 +1,7 @@
 //! The resume cursor (`Last-Event-ID`, `?last_event_id=`): decoding any
 //! text never panics, a decoded cursor re-encodes to one that decodes to the
-//! same positions, and any positions round-trip.
+//! same positions, and any positions round-trip; the allocation-free
+//! `position_in` reads the same positions off an encoded cursor.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -8,7 +9,7 @@ use std::collections::BTreeMap;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use herald::fuzzing::Channel;
-use herald::fuzzing::{encode_cursor, Cursor};
+use herald::fuzzing::{encode_cursor, position_in, Cursor};
 use herald::StreamId;
 use libfuzzer_sys::arbitrary::Unstructured;
 use libfuzzer_sys::fuzz_target;
@@ -26,13 +27,19 @@ fuzz_target!(|data: &[u8]| {
         .into_iter()
         .filter_map(|(name, ms, seq)| Some((Channel::parse(&name).ok()?, StreamId { ms, seq })))
         .collect();
-    let cursor = Cursor::decode(&encode(&positions)).expect("an encoded cursor decodes");
+    let encoded = encode(&positions);
+    let cursor = Cursor::decode(&encoded).expect("an encoded cursor decodes");
     for (channel, id) in &positions {
         assert_eq!(cursor.get(channel), Some(*id));
+        assert_eq!(position_in(&encoded, channel), Some(*id));
     }
 });
 
 fn check_decoded(text: &str) {
+    // Any text: no panic.
+    if let Ok(channel) = Channel::parse("broadcast") {
+        let _ = position_in(text, &channel);
+    }
     let Ok(cursor) = Cursor::decode(text) else {
         return;
     };

@@ -583,6 +583,21 @@ impl SseParser {
     }
 }
 
+/// Where `needle` (not empty) first occurs in `hay`: a jump from one
+/// candidate first byte to the next, not a comparison at every offset.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let (&first, _) = needle.split_first()?;
+    let mut from = 0;
+    while let Some(i) = hay.get(from..)?.iter().position(|&b| b == first) {
+        let at = from + i;
+        if hay[at..].starts_with(needle) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
 /// Reads `{"seq":K,"sent_us":T}` (any key order, whitespace, extra keys)
 /// without a JSON library: this runs once per delivery, hundreds of
 /// thousands of times a second, on the cores the server also needs.
@@ -591,7 +606,7 @@ pub(crate) fn parse_payload(data: &[u8]) -> Option<(u64, u64)> {
 }
 
 fn json_u64(data: &[u8], key: &[u8]) -> Option<u64> {
-    let at = data.windows(key.len()).position(|w| w == key)?;
+    let at = find(data, key)?;
     let mut rest = data[at + key.len()..].iter().copied().peekable();
     while rest.peek().is_some_and(|b| b.is_ascii_whitespace()) {
         rest.next();

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use herald::fuzzing::{Channel, Cursor};
+use herald::fuzzing::Channel;
 use herald::StreamId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -834,8 +834,7 @@ struct Channels {
 /// Where `channel`'s stream placed the event whose `id:` is `id`: Herald's
 /// cursor holds it. `None` for any other server's ids.
 fn position_in(id: &[u8], channel: Option<&Channel>) -> Option<StreamId> {
-    let cursor = Cursor::decode(std::str::from_utf8(id).ok()?).ok()?;
-    cursor.get(channel?)
+    herald::fuzzing::position_in(std::str::from_utf8(id).ok()?, channel?)
 }
 
 fn io_kind(e: &std::io::Error) -> String {
