@@ -789,7 +789,15 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
     for n in lock(&table).iter_mut() {
         n.rss_fresh_kib = n.rss_kib;
     }
-    let redis_pid = redis_pid(&args.redis_url);
+    // Every redis-server behind the URL(s): one, or a cluster's nodes.
+    let redis_pids: Vec<u32> = args.redis_url.split(',').filter_map(redis_pid).collect();
+    let redis_cpu = || -> Option<f64> {
+        let samples: Option<Vec<f64>> = redis_pids
+            .iter()
+            .map(|&pid| procfs::sample(pid).map(|s| s.cpu_s))
+            .collect();
+        samples.filter(|s| !s.is_empty()).map(|s| s.iter().sum())
+    };
 
     // The workers.
     let targets: Vec<Target> = ports
@@ -912,7 +920,7 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
     };
     let load_cpu_start = load_cpu(&load_pids);
     let server_cpu_start: f64 = lock(&table).iter().map(|n| n.cpu.total()).sum();
-    let redis_cpu_start = redis_pid.and_then(procfs::sample).map(|s| s.cpu_s);
+    let redis_cpu_start = redis_cpu();
     let start = Instant::now() + Duration::from_millis(200);
     let start_us = epoch_us + (start - epoch).as_micros() as u64;
     fleet.send(&ToWorker::Start { at_us: start_us }).await?;
@@ -1175,7 +1183,7 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
     let window_s = (Instant::now() - start).as_secs_f64();
     sample_nodes(&specs, &table).await;
     let server_cpu_end: f64 = lock(&table).iter().map(|n| n.cpu.total()).sum();
-    let redis_cpu_end = redis_pid.and_then(procfs::sample).map(|s| s.cpu_s);
+    let redis_cpu_end = redis_cpu();
     let load_cpu_end = load_cpu(&load_pids);
     let load_rss: u64 = load_pids
         .iter()
@@ -1493,12 +1501,11 @@ async fn count_in_history(args: &ScaleArgs, duplicates: &mut [Duplicate]) {
     }
 }
 
-/// The PID of the redis-server listening on the (first) Redis URL's port,
+/// The PID of the redis-server listening on the Redis URL's port,
 /// for its CPU time: found through `/proc/net/tcp` and the process's open
 /// sockets, so only a server on this machine is ever read.
 fn redis_pid(url: &str) -> Option<u32> {
-    let first = url.split(',').next()?.trim();
-    let authority = first.strip_prefix("redis://")?.split('/').next()?;
+    let authority = url.trim().strip_prefix("redis://")?.split('/').next()?;
     let port: u16 = authority
         .rsplit('@')
         .next()?
