@@ -53,6 +53,11 @@ use crate::run::{shares, Fleet, Ui};
 use crate::{parse_duration, Kind, Signal};
 use herald::fuzzing::Channel;
 
+/// How long the end of a run waits with nothing arriving before it
+/// settles the accounts: more than a client's longest back-off (10 s plus
+/// jitter, see the worker's reconnect loop).
+const DRAIN_QUIET: Duration = Duration::from_secs(15);
+
 /// The event name broadcasts carry, so clients tell the two streams apart.
 const BROADCAST_EVENT: &str = "bcast";
 /// Latency phases, in timeline order.
@@ -1157,10 +1162,13 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
     let (mut bcast, b_ex) = merge(&results[0], &results[1]);
     let (mut uni, u_ex) = merge(&results[2], &results[3]);
 
-    // The drain: until every confirmed message arrived, or quiet for 5s.
+    // The drain: until every confirmed message arrived, or nothing arrived
+    // for longer than a client's longest back-off between reconnects (a
+    // client still backing off resumes by cursor and catches up; ending
+    // before it does would count what it is owed as lost).
     let accounted = fleet.totals().accounted;
     let expected = bcast.confirmed * accounted + uni.confirmed;
-    let drain_end = Instant::now() + Duration::from_secs(30);
+    let drain_end = Instant::now() + Duration::from_secs(90);
     let mut last = (Instant::now(), fleet.totals().delivered);
     loop {
         let done = fleet
@@ -1176,7 +1184,7 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
         }
         if d != last.1 {
             last = (Instant::now(), d);
-        } else if last.0.elapsed() >= Duration::from_secs(5) {
+        } else if last.0.elapsed() >= DRAIN_QUIET {
             break;
         }
     }
