@@ -271,15 +271,47 @@ async fn a_node_started_before_redis_becomes_ready_when_redis_appears() {
     assert_eq!(data_of(alice.next_data(WAIT).await, "once ready"), "served");
 }
 
+/// A node whose Redis traffic goes through a [`Proxy`] (probed every
+/// 500 ms), alice's stream on it, and an app publishing straight into Redis.
+struct Proxied {
+    _redis: Redis,
+    proxy: Proxy,
+    node: Node,
+    alice: Sse,
+    app: Resp,
+    sha: String,
+}
+
+impl Proxied {
+    async fn start() -> Proxied {
+        let redis = Redis::start();
+        let proxy = Proxy::start(redis.port()).await;
+        let url = proxy.url();
+        let node = Node::start(&["--redis-url", &url, "--redis-probe-interval", "500ms"]);
+        let alice = Sse::open(&node, &token("alice")).await;
+        let mut app = Resp::connect(redis.port()).await;
+        let sha = app.load_publish_script().await;
+        Proxied {
+            _redis: redis,
+            proxy,
+            node,
+            alice,
+            app,
+            sha,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silently_dead_pubsub_connection_is_detected_and_its_gap_refilled() {
-    let redis = Redis::start();
-    let proxy = Proxy::start(redis.port()).await;
-    let url = proxy.url();
-    let node = Node::start(&["--redis-url", &url, "--redis-probe-interval", "500ms"]);
-    let mut alice = Sse::open(&node, &token("alice")).await;
-    let mut app = Resp::connect(redis.port()).await;
-    let sha = app.load_publish_script().await;
+    let Proxied {
+        _redis,
+        proxy,
+        node,
+        mut alice,
+        mut app,
+        sha,
+    } = Proxied::start().await;
     app.script_publish(&sha, "user:alice", "", r#""m1""#).await;
     assert_eq!(
         data_of(alice.next_data(WAIT).await, "through the proxy"),
@@ -337,13 +369,14 @@ async fn a_silently_dead_pubsub_connection_is_detected_and_its_gap_refilled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pubsub_connection_that_is_late_but_delivering_is_kept() {
-    let redis = Redis::start();
-    let proxy = Proxy::start(redis.port()).await;
-    let url = proxy.url();
-    let node = Node::start(&["--redis-url", &url, "--redis-probe-interval", "500ms"]);
-    let mut alice = Sse::open(&node, &token("alice")).await;
-    let mut app = Resp::connect(redis.port()).await;
-    let sha = app.load_publish_script().await;
+    let Proxied {
+        _redis,
+        proxy,
+        node,
+        mut alice,
+        mut app,
+        sha,
+    } = Proxied::start().await;
 
     // Every Redis → node byte now arrives 800 ms late, more than the
     // probe's half-interval: like a node working through a backlog. The
