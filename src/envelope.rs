@@ -35,6 +35,15 @@ impl StreamId {
     /// The position before any entry.
     pub const ZERO: StreamId = StreamId { ms: 0, seq: 0 };
 
+    /// Appends `<ms>-<seq>` to `out` without the formatting machinery:
+    /// every publish reply carries one.
+    pub(crate) fn push_to(self, out: &mut String) {
+        let mut digits = itoa::Buffer::new();
+        out.push_str(digits.format(self.ms));
+        out.push('-');
+        out.push_str(digits.format(self.seq));
+    }
+
     /// The next id after `self` at wall-clock `now_ms`, never going backwards
     /// (Redis' XADD `*` rule), so ids stay monotonic if the clock steps back.
     pub fn next_after(self, now_ms: u64) -> StreamId {
