@@ -35,6 +35,15 @@ impl StreamId {
     /// The position before any entry.
     pub const ZERO: StreamId = StreamId { ms: 0, seq: 0 };
 
+    /// Appends `<ms>-<seq>` to `out` without the formatting machinery:
+    /// every publish reply carries one.
+    pub(crate) fn push_to(self, out: &mut String) {
+        let mut digits = itoa::Buffer::new();
+        out.push_str(digits.format(self.ms));
+        out.push('-');
+        out.push_str(digits.format(self.seq));
+    }
+
     /// The next id after `self` at wall-clock `now_ms`, never going backwards
     /// (Redis' XADD `*` rule), so ids stay monotonic if the clock steps back.
     pub fn next_after(self, now_ms: u64) -> StreamId {
@@ -65,16 +74,29 @@ impl FromStr for StreamId {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (ms, seq) = s.split_once('-').ok_or(BadStreamId)?;
-        let digits =
-            |t: &str| !t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit());
-        if !digits(ms) || !digits(seq) {
-            return Err(BadStreamId);
-        }
         Ok(StreamId {
-            ms: ms.parse().map_err(|_| BadStreamId)?,
-            seq: seq.parse().map_err(|_| BadStreamId)?,
+            ms: decimal(ms)?,
+            seq: decimal(seq)?,
         })
     }
+}
+
+/// 1-20 digits as a u64, in one pass (every envelope and publish reply
+/// has an id; `str::parse` after a check of the digits took two): no sign,
+/// no spaces, no overflow.
+fn decimal(digits: &str) -> Result<u64, BadStreamId> {
+    if digits.is_empty() || digits.len() > 20 {
+        return Err(BadStreamId);
+    }
+    digits.bytes().try_fold(0u64, |n, b| {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
+            return Err(BadStreamId);
+        }
+        n.checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(d)))
+            .ok_or(BadStreamId)
+    })
 }
 
 /// Milliseconds since the Unix epoch.
@@ -234,6 +256,17 @@ mod tests {
         assert!("-1".parse::<StreamId>().is_err());
         assert!("a-1".parse::<StreamId>().is_err());
         assert!("99999999999999999999999-1".parse::<StreamId>().is_err());
+        assert!("18446744073709551616-0".parse::<StreamId>().is_err());
+        assert!("+1-0".parse::<StreamId>().is_err());
+        assert!("000000000000000000001-0".parse::<StreamId>().is_err());
+        assert!("1-0-0".parse::<StreamId>().is_err());
+        assert_eq!(
+            "18446744073709551615-0".parse::<StreamId>().ok(),
+            Some(StreamId {
+                ms: u64::MAX,
+                seq: 0
+            })
+        );
         assert!(StreamId { ms: 1, seq: 9 } < StreamId { ms: 2, seq: 0 });
         assert_eq!(id.next_after(id.ms - 5), StreamId { ms: id.ms, seq: 8 });
         assert_eq!(
