@@ -227,14 +227,7 @@ async fn an_old_connection_is_retired_with_a_jittered_retry_and_resumes_by_curso
     // What is published while it is away comes back on resume, once.
     publish_ok(&node, "user:alice", json!("while away")).await;
     let cursor = sse.last_id().expect("messages carry ids").to_string();
-    let auth = bearer(&alice);
-    let mut again = Sse::connect(
-        &node.url("/events"),
-        &[("authorization", &auth), ("last-event-id", &cursor)],
-    )
-    .await
-    .unwrap_or_else(|r| panic!("resume refused: {} {}", r.status, r.text()));
-    let replayed = again.wait_ready(WAIT).await;
+    let (_again, replayed) = Sse::resume(&node, "/events", &alice, &cursor).await;
     let data: Vec<_> = replayed
         .iter()
         .filter(|e| e.is_message())

@@ -11,8 +11,8 @@ use std::collections::BTreeSet;
 
 use common::resp::{pubsub_key, Resp};
 use common::{
-    assert_still_serves, bearer, get, metric, payloads, publish, publish_ok, publisher_token,
-    token, wait_metric, wait_until, Event, Node, Redis, Sse, WAIT,
+    assert_still_serves, get, metric, payloads, publish, publish_ok, publisher_token, token,
+    wait_metric, wait_until, Event, Node, Redis, Sse, WAIT,
 };
 use hyper::StatusCode;
 use serde_json::{json, Value};
@@ -322,14 +322,7 @@ async fn a_cursor_from_one_node_resumes_on_another_with_exactly_the_missed_messa
     app.script_publish(&sha, "user:carol", "", r#""carol's""#)
         .await;
 
-    let auth = bearer(&alice);
-    let mut on_b = Sse::connect(
-        &b.url("/events"),
-        &[("authorization", &auth), ("last-event-id", &cursor)],
-    )
-    .await
-    .unwrap_or_else(|r| panic!("resume on node b refused: {} {}", r.status, r.text()));
-    let replayed = on_b.wait_ready(WAIT).await;
+    let (mut on_b, replayed) = Sse::resume(&b, "/events", &alice, &cursor).await;
     assert!(
         replayed.iter().all(|e| e.name() != "herald.reset"),
         "the cursor is within history: no reset; got {replayed:#?}"

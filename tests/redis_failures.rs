@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::proxy::Proxy;
 use common::resp::Resp;
 use common::{
-    bearer, free_port, get, metric, payloads, publish, publish_ok, publisher_token, token,
-    wait_until, Event, Node, Redis, Sse, WAIT,
+    free_port, get, metric, payloads, publish, publish_ok, publisher_token, token, wait_until,
+    Event, Node, Redis, Sse, WAIT,
 };
 use hyper::StatusCode;
 use serde_json::json;
@@ -225,14 +225,7 @@ async fn redis_sigkill_and_restart_keeps_streams_open_and_resumes_delivery() {
 
     // The history written before the crash survived it (AOF, fsync always):
     // resuming from the very first cursor replays everything.
-    let auth = bearer(&token("alice"));
-    let mut resumed = Sse::connect(
-        &node.url("/events"),
-        &[("authorization", &auth), ("last-event-id", &start_cursor)],
-    )
-    .await
-    .unwrap_or_else(|r| panic!("resume refused: {} {}", r.status, r.text()));
-    let replayed = resumed.wait_ready(WAIT).await;
+    let (_resumed, replayed) = Sse::resume(&node, "/events", &token("alice"), &start_cursor).await;
     // alice's channel in order; the broadcast may sort either side of
     // "after" (stream ids only order messages within one channel).
     let mut got = payloads(&replayed);
@@ -455,13 +448,6 @@ async fn scripts_flushed_from_redis_are_loaded_again_by_the_next_publish_and_rep
     assert_eq!(data_of(alice.next_data(WAIT).await, "second"), "second");
 
     admin.call_ok(&["SCRIPT", "FLUSH"]).await;
-    let auth = bearer(&token("alice"));
-    let mut resumed = Sse::connect(
-        &node.url("/events"),
-        &[("authorization", &auth), ("last-event-id", &start_cursor)],
-    )
-    .await
-    .unwrap_or_else(|r| panic!("resume refused: {} {}", r.status, r.text()));
-    let replayed = resumed.wait_ready(WAIT).await;
+    let (_resumed, replayed) = Sse::resume(&node, "/events", &token("alice"), &start_cursor).await;
     assert_eq!(payloads(&replayed), ["first", "second"], "{replayed:#?}");
 }

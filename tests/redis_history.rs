@@ -70,14 +70,7 @@ async fn a_cursor_older_than_the_kept_history_gets_a_reset() {
         "the test needs the stream trimmed to at most the replay limit; {kept} kept"
     );
 
-    let auth = bearer(&token("alice"));
-    let mut back = Sse::connect(
-        &node.url("/events"),
-        &[("authorization", &auth), ("last-event-id", &cursor)],
-    )
-    .await
-    .unwrap_or_else(|r| panic!("resume refused: {} {}", r.status, r.text()));
-    let opening = back.wait_ready(WAIT).await;
+    let (_back, opening) = Sse::resume(&node, "/events", &token("alice"), &cursor).await;
     let reset = opening.iter().find(|e| e.name() == "herald.reset");
     let replayed = payloads(&opening);
     assert!(

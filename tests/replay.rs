@@ -3,21 +3,8 @@
 
 mod common;
 
-use common::{bearer, payloads, publish_ok, token, Claims, Event, Node, Sse, WAIT};
+use common::{payloads, publish_ok, token, Claims, Event, Node, Sse, WAIT};
 use serde_json::{json, Value};
-
-/// Reconnects as EventSource does, sending `cursor` as `Last-Event-ID`.
-async fn resume(node: &Node, path: &str, token: &str, cursor: &str) -> (Sse, Vec<Event>) {
-    let auth = bearer(token);
-    let mut sse = Sse::connect(
-        &node.url(path),
-        &[("authorization", &auth), ("last-event-id", cursor)],
-    )
-    .await
-    .unwrap_or_else(|r| panic!("resume refused: {} {}", r.status, r.text()));
-    let before_ready = sse.wait_ready(WAIT).await;
-    (sse, before_ready)
-}
 
 fn resets(events: &[Event]) -> Vec<&Event> {
     events
@@ -59,7 +46,7 @@ async fn resume_replays_exactly_the_missed_messages_then_goes_live() {
         publish_ok(&node, "user:alice", json!(data)).await;
     }
 
-    let (mut sse, before_ready) = resume(&node, "/events", &alice, &cursor).await;
+    let (mut sse, before_ready) = Sse::resume(&node, "/events", &alice, &cursor).await;
     assert!(
         resets(&before_ready).is_empty(),
         "nothing was lost, yet: {before_ready:?}"
@@ -86,7 +73,7 @@ async fn resume_replays_exactly_the_missed_messages_then_goes_live() {
     // Resuming from the newest cursor replays nothing: no duplicates.
     let cursor = sse.last_id().expect("cursor").to_string();
     drop(sse);
-    let (_sse, before_ready) = resume(&node, "/events", &alice, &cursor).await;
+    let (_sse, before_ready) = Sse::resume(&node, "/events", &alice, &cursor).await;
     assert!(
         payloads(&before_ready).is_empty() && resets(&before_ready).is_empty(),
         "caught-up cursor should replay nothing: {before_ready:?}"
@@ -107,7 +94,7 @@ async fn the_ready_id_is_a_cursor_too() {
     for data in numbered("missed", 5) {
         publish_ok(&node, "user:alice", json!(data)).await;
     }
-    let (_sse, before_ready) = resume(&node, "/events", &alice, &cursor).await;
+    let (_sse, before_ready) = Sse::resume(&node, "/events", &alice, &cursor).await;
     assert!(resets(&before_ready).is_empty(), "{before_ready:?}");
     assert_eq!(payloads(&before_ready), numbered("missed", 5));
 }
@@ -132,7 +119,7 @@ async fn resume_covers_every_channel_of_the_connection() {
         publish_ok(&node, "topic:sports", json!("not subscribed")).await;
     }
 
-    let (_sse, before_ready) = resume(&node, path, &alice, &cursor).await;
+    let (_sse, before_ready) = Sse::resume(&node, path, &alice, &cursor).await;
     assert!(resets(&before_ready).is_empty(), "{before_ready:?}");
     let mut got = payloads(&before_ready);
     // Within a channel the order is the publish order.
@@ -160,7 +147,7 @@ async fn a_gap_beyond_the_history_sends_reset_then_ready_then_live() {
         publish_ok(&node, "user:alice", json!(data)).await;
     }
 
-    let (mut sse, before_ready) = resume(&node, "/events", &alice, &cursor).await;
+    let (mut sse, before_ready) = Sse::resume(&node, "/events", &alice, &cursor).await;
     let resets = resets(&before_ready);
     assert_eq!(
         resets.len(),
@@ -193,7 +180,7 @@ async fn a_malformed_cursor_sends_reset() {
         "v99.e30",
         "1732240000000-0",
     ] {
-        let (mut sse, before_ready) = resume(&node, "/events", &alice, garbage).await;
+        let (mut sse, before_ready) = Sse::resume(&node, "/events", &alice, garbage).await;
         let resets = resets(&before_ready);
         assert_eq!(
             resets.len(),
@@ -224,7 +211,7 @@ async fn cursor_entries_for_channels_not_requested_any_more_are_ignored() {
     publish_ok(&node, "user:alice", json!("mine while away")).await;
 
     // The app reconnects with a token that no longer grants the topic.
-    let (_sse, before_ready) = resume(&node, "/events", &token("alice"), &cursor).await;
+    let (_sse, before_ready) = Sse::resume(&node, "/events", &token("alice"), &cursor).await;
     assert!(resets(&before_ready).is_empty(), "{before_ready:?}");
     assert_eq!(payloads(&before_ready), ["mine while away"]);
 }

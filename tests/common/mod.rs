@@ -929,6 +929,26 @@ impl Drop for Sse {
 }
 
 impl Sse {
+    /// Reconnects to `path` on `node` as EventSource does, sending `cursor`
+    /// as `Last-Event-ID`; returns the stream and what came before
+    /// `herald.ready` (the replay). Panics if the node refuses.
+    pub(crate) async fn resume(
+        node: &Node,
+        path: &str,
+        token: &str,
+        cursor: &str,
+    ) -> (Sse, Vec<Event>) {
+        let auth = bearer(token);
+        let mut sse = Sse::connect(
+            &node.url(path),
+            &[("authorization", &auth), ("last-event-id", cursor)],
+        )
+        .await
+        .unwrap_or_else(|r| panic!("resume refused: {} {}", r.status, r.text()));
+        let before_ready = sse.wait_ready(WAIT).await;
+        (sse, before_ready)
+    }
+
     /// `GET url` with `headers`. A 200 becomes a stream; anything else comes
     /// back whole as the error.
     pub(crate) async fn connect(url: &str, headers: &[(&str, &str)]) -> Result<Sse, Reply> {
