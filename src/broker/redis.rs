@@ -158,7 +158,7 @@ fn settle<T>(
 }
 
 /// Most subscribes sent in one `SUBSCRIBE`.
-pub(super) const SUBSCRIBE_BATCH: usize = 512;
+const SUBSCRIBE_BATCH: usize = 512;
 
 /// How many probe intervals a probe may stay out while other messages keep
 /// arriving (the node is reading a backlog) before the connection is
@@ -1167,14 +1167,6 @@ impl PubSubTask {
                         let ok = matches!(done, Ok(Ok(())));
                         for ack in acks {
                             let _ = self.subs.settle(if ok { Ok(Ok::<(), ()>(())) } else { Err(()) }, ack);
-                        }
-                        if let (false, Some(Command::Unsubscribe(channel))) = (ok, &next) {
-                            // The session ends below and the next one
-                            // subscribes what is desired: an unsubscribe
-                            // taken off the queue must still count.
-                            if !channel.is_permanent() {
-                                self.subs.desired.remove(channel);
-                            }
                         }
                         match done {
                             Ok(Ok(())) => {}
