@@ -135,6 +135,14 @@ pub(crate) struct ScaleArgs {
     /// events per wake-up (4,000 cost a third more load-generator CPU).
     #[arg(long, default_value_t = 12_500)]
     pub(crate) per_process: u64,
+    /// Of the connections, this many in a process of their own [full:
+    /// 2000, quick: 500]. A browser holds one connection; a load-generator
+    /// process holding 12,500 reads a broadcast's 12,500 events before a
+    /// unicast that arrived behind them, and that wait is the generator's,
+    /// not the nodes'. The probe's latency is what a lightly loaded client
+    /// sees; it is reported beside every client's.
+    #[arg(long)]
+    pub(crate) probe_clients: Option<u64>,
     /// Loopback source addresses 127.0.0.2 … to spread connections over.
     /// A source port is bound per address across all destinations and
     /// ports in TIME_WAIT are skipped, so a restart storm at 100,000
@@ -177,8 +185,12 @@ pub(crate) struct Plan {
     pub(crate) rebalance_timeout_s: f64,
     pub(crate) balance: f64,
     pub(crate) redis_cluster: bool,
+    /// Processes holding the connections, the probe's included.
     pub(crate) load_processes: usize,
     pub(crate) source_addrs: usize,
+    /// Connections in the probe process (the last one); 0: none.
+    #[serde(default)]
+    pub(crate) probe_clients: u64,
 }
 
 impl Plan {
@@ -189,6 +201,10 @@ impl Plan {
                 .as_secs_f64()
         };
         let connections = a.connections.unwrap_or(if q { 10_000 } else { 100_000 });
+        let probe_clients = a
+            .probe_clients
+            .unwrap_or(if q { 500 } else { 2_000 })
+            .min(connections / 2);
         Plan {
             connections,
             nodes: a.nodes.unwrap_or(if q { 3 } else { 7 }),
@@ -204,8 +220,12 @@ impl Plan {
             rebalance_timeout_s: pick(a.rebalance_timeout, 150, 60),
             balance: a.balance,
             redis_cluster: a.redis_cluster,
-            load_processes: connections.div_ceil(a.per_process.max(1)).max(1) as usize,
+            load_processes: (connections - probe_clients)
+                .div_ceil(a.per_process.max(1))
+                .max(1) as usize
+                + usize::from(probe_clients > 0),
             source_addrs: a.source_addrs,
+            probe_clients,
         }
     }
 
@@ -555,6 +575,12 @@ pub(crate) struct ScaleReport {
     pub(crate) phases: Vec<PhaseReport>,
     /// Unicasts published in the second after a broadcast was.
     pub(crate) unicast_during_broadcast_ms: Pcts,
+    /// The same latencies as `phases` and `unicast_during_broadcast_ms`,
+    /// at the probe's clients only (`Plan::probe_clients`).
+    #[serde(default)]
+    pub(crate) probe_phases: Vec<PhaseReport>,
+    #[serde(default)]
+    pub(crate) probe_unicast_during_broadcast_ms: Pcts,
     pub(crate) replay_ms: Pcts,
     pub(crate) unicast: StreamReport,
     pub(crate) broadcast: StreamReport,
@@ -818,7 +844,17 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
         .map(|i| Ipv4Addr::new(127, 0, 0, 2 + i as u8))
         .collect();
     let mut plans = Vec::with_capacity(workers);
-    for (index, first, clients) in shares(plan.connections, workers) {
+    let probe_workers = usize::from(plan.probe_clients > 0);
+    let shared = shares(
+        plan.connections - plan.probe_clients,
+        workers - probe_workers,
+    );
+    let probe = (plan.probe_clients > 0).then_some((
+        workers - 1,
+        plan.connections - plan.probe_clients,
+        plan.probe_clients,
+    ));
+    for (index, first, clients) in shared.chain(probe) {
         plans.push(WorkerPlan {
             index,
             first_client: first,
@@ -1246,10 +1282,18 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
         .map(|_| (new_histogram(), new_histogram()))
         .collect();
     let mut during = new_histogram();
+    // The probe's (the last worker's) latencies on their own.
+    let mut probe_h: Vec<(Histogram<u64>, Histogram<u64>)> = PHASES
+        .iter()
+        .map(|_| (new_histogram(), new_histogram()))
+        .collect();
+    let mut probe_during = new_histogram();
+    let probe_index = (plan.probe_clients > 0).then_some(workers - 1);
     let mut duplicates = Vec::new();
     let mut per_second: Vec<u64> = Vec::new();
     let every_us = (plan.broadcast_every_s * 1e6) as u64;
-    for r in &worker_results {
+    for (w, r) in worker_results.iter().enumerate() {
+        let is_probe = probe_index == Some(w);
         u_tally.add(&r.tally);
         if let Some(b) = &r.broadcast_tally {
             b_tally.add(b);
@@ -1265,6 +1309,10 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
         for (i, p) in r.phases.iter().enumerate().take(PHASES.len()) {
             p.unicast.add_to(&mut phase_h[i].0);
             p.broadcast.add_to(&mut phase_h[i].1);
+            if is_probe {
+                p.unicast.add_to(&mut probe_h[i].0);
+                p.broadcast.add_to(&mut probe_h[i].1);
+            }
         }
         for d in &r.duplicate_samples {
             let ex = if d.broadcast { &b_ex_all } else { &u_ex_all };
@@ -1278,6 +1326,9 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
             // Within a second after a broadcast's scheduled publish.
             if sent_us >= start_us && (sent_us - start_us) % every_us < 1_000_000 {
                 let _ = during.record(lat);
+                if is_probe {
+                    let _ = probe_during.record(lat);
+                }
             }
         }
         if per_second.len() < r.per_second.len() {
@@ -1294,17 +1345,25 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
     let load_cpu = load_cpu_end - load_cpu_start;
     let per_million = |cpu: f64| (deliveries > 0).then(|| cpu / deliveries as f64 * 1e6);
     phase_starts.resize(PHASES.len(), publish_end_s);
-    let phases = PHASES
-        .iter()
-        .enumerate()
-        .map(|(i, name)| PhaseReport {
-            name: (*name).into(),
-            from_s: phase_starts[i],
-            to_s: phase_starts.get(i + 1).copied().unwrap_or(publish_end_s),
-            unicast_ms: Pcts::of(&phase_h[i].0),
-            broadcast_ms: Pcts::of(&phase_h[i].1),
-        })
-        .collect();
+    let phase_reports = |h: &[(Histogram<u64>, Histogram<u64>)]| -> Vec<PhaseReport> {
+        PHASES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| PhaseReport {
+                name: (*name).into(),
+                from_s: phase_starts[i],
+                to_s: phase_starts.get(i + 1).copied().unwrap_or(publish_end_s),
+                unicast_ms: Pcts::of(&h[i].0),
+                broadcast_ms: Pcts::of(&h[i].1),
+            })
+            .collect()
+    };
+    let phases = phase_reports(&phase_h);
+    let probe_phases = if probe_index.is_some() {
+        phase_reports(&probe_h)
+    } else {
+        Vec::new()
+    };
     let nodes = {
         let t = lock(&table);
         t.iter()
@@ -1359,6 +1418,8 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
         connect_errors: errors,
         phases,
         unicast_during_broadcast_ms: Pcts::of(&during),
+        probe_phases,
+        probe_unicast_during_broadcast_ms: Pcts::of(&probe_during),
         replay_ms: Pcts::of(&replay),
         unicast: uni,
         broadcast: bcast,
@@ -1563,7 +1624,7 @@ pub(crate) fn markdown(r: &ScaleReport) -> String {
     let _ =
         writeln!(
         o,
-        "{} connections on {} Herald nodes (`--workers 1`) + {}{}, {} load-generator processes \
+        "{} connections on {} Herald nodes (`--workers 1`) + {}{}, {} load-generator processes{} \
          over {} loopback source addresses on the same machine. Publishing {:.0} s: a broadcast \
          every {:.0} s and {:.0} unicasts/s, each half over `POST /publish` (round robin over \
          the nodes) and half straight into Redis with the publish script. After {:.0} s a \
@@ -1577,6 +1638,11 @@ pub(crate) fn markdown(r: &ScaleReport) -> String {
         if p.redis_cluster { "a Redis Cluster" } else { "one Redis" },
         r.label.as_ref().map(|l| format!(" ({l})")).unwrap_or_default(),
         p.load_processes,
+        if p.probe_clients > 0 {
+            format!(" (the last holds {} of the connections: the probe below)", p.probe_clients)
+        } else {
+            String::new()
+        },
         p.source_addrs,
         p.publish_for_s,
         p.broadcast_every_s,
@@ -1675,6 +1741,32 @@ pub(crate) fn markdown(r: &ScaleReport) -> String {
         "| replayed after a reconnect (both kinds) | | {} | | | | |",
         pct_cells(&r.replay_ms)
     );
+    if !r.probe_phases.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nThe same at the probe: {} of the connections in a load-generator process of their own, \
+             so an event waits only for the nodes and the kernel, not behind the thousands of other \
+             clients' events a busy generator process reads first (as a browser, holding one \
+             connection, waits for none):\n\n| phase | seconds | unicast p50 | p99 | p99.9 | n | broadcast p50 | p99 | p99.9 | n |\n|---|---|---|---|---|---|---|---|---|---|",
+            p.probe_clients
+        );
+        for ph in &r.probe_phases {
+            let _ = writeln!(
+                o,
+                "| {} | {:.0}–{:.0} | {} | {} |",
+                ph.name,
+                ph.from_s,
+                ph.to_s,
+                pct_cells(&ph.unicast_ms),
+                pct_cells(&ph.broadcast_ms)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "| unicast published < 1 s after a broadcast | | {} | | | | |",
+            pct_cells(&r.probe_unicast_during_broadcast_ms)
+        );
+    }
     let _ = writeln!(
         o,
         "\nPer node (RSS per connection: growth from the fresh process to the end of the ramp, over the connections it then held):\n\n| node | ramp conns | conns/s in ramp | RSS/conn | end conns | end RSS | CPU s | closed by age | resets sent | stops and starts (s) |\n|---|---|---|---|---|---|---|---|---|---|"
