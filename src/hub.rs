@@ -14,7 +14,7 @@
 //! broker (un)subscribe requests are queued while it is held, so the broker
 //! sees them in the same order as the refcount changes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -98,6 +98,10 @@ struct State {
     mailboxes: HashMap<u64, MailboxRef>,
     /// Set by [`Hub::drain`]; new connections are refused.
     draining: bool,
+    /// Channels whose local count changed since presence last looked
+    /// ([`Hub::presence_changes`]), so a report costs the changes, not a
+    /// scan of every channel.
+    presence_dirty: HashSet<Channel>,
 }
 
 /// The broker's answer to a subscription, shared by every connection that
@@ -196,6 +200,7 @@ impl Hub {
                 if let Some(answer) = &subscribers.pending {
                     live.push(answer.clone());
                 }
+                state.presence_dirty.insert(channel.clone());
             }
             let m = metrics::get();
             m.connections.set(state.mailboxes.len() as f64);
@@ -268,6 +273,7 @@ impl Hub {
                 state.channels.remove(channel);
                 self.shared.broker.unsubscribe(channel);
             }
+            state.presence_dirty.insert(channel.clone());
         }
         if let Some(count) = state.users.get_mut(user) {
             *count -= 1;
@@ -583,12 +589,37 @@ impl Hub {
             .count()
     }
 
-    /// Calls `f` with every channel that has local connections and how
-    /// many (for presence), under the hub's lock: `f` must be quick.
-    pub(crate) fn each_channel_count(&self, mut f: impl FnMut(&Channel, usize)) {
-        for subscribers in self.state().channels.values() {
-            f(&subscribers.channel, subscribers.links.len());
-        }
+    /// For presence: the channels whose local count changed since the last
+    /// call (or [`Hub::presence_all`]), each with its count now, 0 for one
+    /// no longer held.
+    pub(crate) fn presence_changes(&self) -> Vec<(Channel, usize)> {
+        let mut state = self.state();
+        let dirty = std::mem::take(&mut state.presence_dirty);
+        dirty
+            .into_iter()
+            .map(|channel| {
+                let count = state.channels.get(&channel).map_or(0, |s| s.links.len());
+                (channel, count)
+            })
+            .collect()
+    }
+
+    /// For presence: every channel held here with its count (covering, and
+    /// so forgetting, the changes not yet taken).
+    pub(crate) fn presence_all(&self) -> Vec<(Channel, usize)> {
+        let mut state = self.state();
+        state.presence_dirty = HashSet::new();
+        state
+            .channels
+            .values()
+            .map(|s| (s.channel.clone(), s.links.len()))
+            .collect()
+    }
+
+    /// For presence: these channels are to be reported again (their report
+    /// failed); the next [`Hub::presence_changes`] reads their counts anew.
+    pub(crate) fn presence_retry(&self, channels: impl IntoIterator<Item = Channel>) {
+        self.state().presence_dirty.extend(channels);
     }
 }
 

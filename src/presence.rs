@@ -9,9 +9,11 @@
 //! drops out within [`PRESENCE_TTL`]. The cost is the changes (connects
 //! and disconnects) plus a few commands per node per refresh, whatever the
 //! number of channels held; a table that lapsed (the node was cut off from
-//! Redis for longer than the TTL) is written again in full.
+//! Redis for longer than the TTL) is written again in full. The hub notes
+//! which channels changed count, so a tick reads only those, not every
+//! channel the node holds.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -29,36 +31,33 @@ pub(crate) const PRESENCE_TTL: Duration = Duration::from_secs(10);
 /// Reports this node's counts to the broker until the process ends.
 /// A failed write is logged and retried on the next tick.
 pub(crate) async fn report(hub: Hub, node_id: String) {
-    // What was last written, and on which tick the channel was last seen
-    // held; updated in place, so a tick allocates only its changes.
-    let mut written: HashMap<Channel, Written> = HashMap::new();
     let mut tick = tokio::time::interval(PRESENCE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut round: u64 = 0;
     let mut refreshed: Option<Instant> = None;
+    // The table is written in full at first and after it lapsed; otherwise
+    // a tick sends only the counts that changed since the last one.
+    let mut full = true;
+    // What a report of changes wrote into a table that had lapsed: the
+    // full write after it clears those no longer held.
+    let mut carried: Vec<Channel> = Vec::new();
     loop {
         tick.tick().await;
-        round += 1;
         let now = Instant::now();
-        let mut changes: Vec<(Channel, usize)> = Vec::new();
-        hub.each_channel_count(|channel, count| match written.get_mut(channel) {
-            Some(entry) => {
-                entry.seen = round;
-                if entry.count != count {
-                    changes.push((channel.clone(), count));
-                }
-            }
-            None => changes.push((channel.clone(), count)),
-        });
-        // Channels this node no longer holds: remove its entry.
-        changes.extend(
-            written
+        let changes = if full {
+            let mut all = hub.presence_all();
+            let held: HashSet<&Channel> = all.iter().map(|(channel, _)| channel).collect();
+            let gone: Vec<(Channel, usize)> = carried
                 .iter()
-                .filter(|(_, entry)| entry.seen != round)
-                .map(|(channel, _)| (channel.clone(), 0)),
-        );
+                .filter(|channel| !held.contains(channel))
+                .map(|channel| (channel.clone(), 0))
+                .collect();
+            all.extend(gone);
+            all
+        } else {
+            hub.presence_changes()
+        };
         let due = refreshed.is_none_or(|at| now - at >= PRESENCE_REFRESH);
-        if changes.is_empty() && !due {
+        if changes.is_empty() && !due && !full {
             continue;
         }
         match hub
@@ -68,28 +67,26 @@ pub(crate) async fn report(hub: Hub, node_id: String) {
         {
             Ok(alive) => {
                 refreshed = Some(now);
-                if !alive {
-                    // The table lapsed: what it held is gone, so everything
-                    // not in this report is written again on the next tick.
-                    written.clear();
-                }
-                for (channel, count) in changes {
-                    if count == 0 {
-                        written.remove(&channel);
-                    } else {
-                        let seen = round;
-                        written.insert(channel, Written { count, seen });
-                    }
+                if alive || full {
+                    // The table holds every count.
+                    full = false;
+                    carried.clear();
+                } else {
+                    // It had lapsed and now holds only these changes.
+                    full = true;
+                    carried = changes
+                        .into_iter()
+                        .filter(|(_, count)| *count > 0)
+                        .map(|(channel, _)| channel)
+                        .collect();
                 }
             }
-            Err(error) => tracing::debug!(%error, "presence report failed; retrying"),
+            Err(error) => {
+                tracing::debug!(%error, "presence report failed; retrying");
+                if !full {
+                    hub.presence_retry(changes.into_iter().map(|(channel, _)| channel));
+                }
+            }
         }
     }
-}
-
-/// One channel's last report.
-struct Written {
-    count: usize,
-    /// The tick on which the hub last held the channel.
-    seen: u64,
 }
