@@ -500,13 +500,15 @@ impl Hub {
 }
 
 /// Connections a large fanout reaches before the dispatch task yields.
-/// Small: a unicast arriving meanwhile waits behind the tasks the last
-/// chunks woke, and on a node sharing its cores with others each of those
-/// waits many times its own CPU time. At 100,000 connections on 7 nodes
-/// (`herald-load scale`, steady phase) unicast p99 was 147 ms with 512,
-/// 64 ms with 64 and 56 ms with 16 (34 ms at a lightly loaded client), at
-/// the same CPU per delivery: a yield costs next to a socket write.
-const FANOUT_CHUNK: usize = 16;
+/// Small, because a unicast arriving meanwhile waits behind the tasks the
+/// last chunks woke, and on a node sharing its cores each of those waits
+/// many times its own CPU time; not too small, because every other task
+/// (reconnects, replays) also runs between two chunks and the broadcast
+/// finishes later. `herald-load scale`, 100,000 connections on 7 nodes, one
+/// run each, p99 in the steady phase (and during the rolling restart):
+/// 512: unicast 133 ms (477), broadcast 1.04 s (1.40); 64: 42 ms (210),
+/// 1.01 s (1.55); 16: 70 ms (185), 1.10 s (1.88).
+const FANOUT_CHUNK: usize = 64;
 /// Fanouts in progress before the dispatch task stops reading new frames.
 const MAX_FANOUTS: usize = 16;
 
