@@ -19,7 +19,7 @@ use crate::broker::redis::{RedisBroker, RedisConfig};
 use crate::broker::Broker;
 use crate::config::ServeConfig;
 use crate::control::Control;
-use crate::http::{admin_router, body_limit, public_router, AppState};
+use crate::http::{admin_router, body_limit, public_router, AppShared, AppState};
 use crate::hub::{Hub, HubConfig};
 use crate::publisher::Publisher;
 use crate::server::EdgeConfig;
@@ -104,7 +104,7 @@ impl Node {
         tokio::spawn(crate::presence::report(hub.clone(), node_id.clone()));
         tokio::spawn(hub.clone().sweep());
 
-        let state = AppState {
+        let state = AppState::new(AppShared {
             hub,
             verifier,
             session: Arc::new(SessionConfig {
@@ -125,7 +125,7 @@ impl Node {
                 )),
                 None => None,
             },
-        };
+        });
         Ok(Node {
             config,
             state,

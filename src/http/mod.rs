@@ -30,9 +30,28 @@ pub(crate) use admin::admin_router;
 pub(crate) use events::StreamCut;
 pub(crate) use publish::body_limit;
 
-/// Everything a handler needs; cheap to clone.
+/// Everything a handler needs. axum's `State` clones it for every request,
+/// so it is one `Arc` (a clone of the fields themselves was about ten
+/// reference counts up and down per request).
 #[derive(Clone)]
-pub(crate) struct AppState {
+pub(crate) struct AppState(Arc<AppShared>);
+
+impl AppState {
+    pub(crate) fn new(shared: AppShared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppShared;
+
+    fn deref(&self) -> &AppShared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares.
+pub(crate) struct AppShared {
     /// Local fanout (and, through it, the broker).
     pub(crate) hub: Hub,
     /// Token verification.
@@ -55,7 +74,7 @@ pub(crate) struct AppState {
     pub(crate) app_auth: Option<Arc<crate::app_auth::AppAuth>>,
 }
 
-impl AppState {
+impl AppShared {
     /// Whether the node should receive traffic.
     pub(crate) fn is_ready(&self) -> bool {
         !self.hub.is_draining() && self.hub.broker().is_connected() && self.verifier.is_ready()
