@@ -1615,6 +1615,31 @@ fn pct_cells(p: &Pcts) -> String {
     format!("{:.1} | {:.1} | {:.1} | {}", p.p50, p.p99, p.p999, p.count)
 }
 
+/// A latency table: one row per phase, then the unicasts published in the
+/// second after a broadcast (the caller may add rows).
+fn latency_table(o: &mut String, phases: &[PhaseReport], during: &Pcts) {
+    let _ = writeln!(
+        o,
+        "| phase | seconds | unicast p50 | p99 | p99.9 | n | broadcast p50 | p99 | p99.9 | n |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for ph in phases {
+        let _ = writeln!(
+            o,
+            "| {} | {:.0}–{:.0} | {} | {} |",
+            ph.name,
+            ph.from_s,
+            ph.to_s,
+            pct_cells(&ph.unicast_ms),
+            pct_cells(&ph.broadcast_ms)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "| unicast published < 1 s after a broadcast | | {} | | | | |",
+        pct_cells(during)
+    );
+}
+
 /// The run as a markdown section (for load/RESULTS.md and the terminal).
 pub(crate) fn markdown(r: &ScaleReport) -> String {
     let mut o = String::new();
@@ -1718,24 +1743,9 @@ pub(crate) fn markdown(r: &ScaleReport) -> String {
     );
     let _ = writeln!(
         o,
-        "\nEnd-to-end latency (ms) of live deliveries, by when they arrived:\n\n| phase | seconds | unicast p50 | p99 | p99.9 | n | broadcast p50 | p99 | p99.9 | n |\n|---|---|---|---|---|---|---|---|---|---|"
+        "\nEnd-to-end latency (ms) of live deliveries, by when they arrived:\n"
     );
-    for ph in &r.phases {
-        let _ = writeln!(
-            o,
-            "| {} | {:.0}–{:.0} | {} | {} |",
-            ph.name,
-            ph.from_s,
-            ph.to_s,
-            pct_cells(&ph.unicast_ms),
-            pct_cells(&ph.broadcast_ms)
-        );
-    }
-    let _ = writeln!(
-        o,
-        "| unicast published < 1 s after a broadcast | | {} | | | | |",
-        pct_cells(&r.unicast_during_broadcast_ms)
-    );
+    latency_table(&mut o, &r.phases, &r.unicast_during_broadcast_ms);
     let _ = writeln!(
         o,
         "| replayed after a reconnect (both kinds) | | {} | | | | |",
@@ -1747,24 +1757,13 @@ pub(crate) fn markdown(r: &ScaleReport) -> String {
             "\nThe same at the probe: {} of the connections in a load-generator process of their own, \
              so an event waits only for the nodes and the kernel, not behind the thousands of other \
              clients' events a busy generator process reads first (as a browser, holding one \
-             connection, waits for none):\n\n| phase | seconds | unicast p50 | p99 | p99.9 | n | broadcast p50 | p99 | p99.9 | n |\n|---|---|---|---|---|---|---|---|---|---|",
+             connection, waits for none):\n",
             p.probe_clients
         );
-        for ph in &r.probe_phases {
-            let _ = writeln!(
-                o,
-                "| {} | {:.0}–{:.0} | {} | {} |",
-                ph.name,
-                ph.from_s,
-                ph.to_s,
-                pct_cells(&ph.unicast_ms),
-                pct_cells(&ph.broadcast_ms)
-            );
-        }
-        let _ = writeln!(
-            o,
-            "| unicast published < 1 s after a broadcast | | {} | | | | |",
-            pct_cells(&r.probe_unicast_during_broadcast_ms)
+        latency_table(
+            &mut o,
+            &r.probe_phases,
+            &r.probe_unicast_during_broadcast_ms,
         );
     }
     let _ = writeln!(

@@ -68,6 +68,14 @@ impl Report {
     }
 }
 
+/// Whether the cluster's `herald_connections` reaches `n` within [`SETTLE`].
+async fn connections_become(cluster: &Cluster, n: f64) -> bool {
+    wait_until(SETTLE, || async {
+        cluster.metric_sum("herald_connections").await == n
+    })
+    .await
+}
+
 /// Chromium with tabs on the test page (`tabs.mjs`).
 struct Tabs {
     script: Script,
@@ -119,6 +127,18 @@ impl Tabs {
 
     async fn reload(&mut self, tab: &str) {
         self.command(json!({"cmd": "reload", "tab": tab}), "reloaded")
+            .await;
+    }
+
+    /// A reload in two steps: the page leaves (to `about:blank`)…
+    async fn away(&mut self, tab: &str) {
+        self.command(json!({"cmd": "away", "tab": tab}), "away")
+            .await;
+    }
+
+    /// … and comes back.
+    async fn back(&mut self, tab: &str) {
+        self.command(json!({"cmd": "back", "tab": tab}), "back")
             .await;
     }
 
@@ -246,10 +266,7 @@ async fn shared_tabs_hold_one_connection_and_every_tab_shows_every_event() {
     // One stream on the whole cluster for eight tabs (and it stays one: a
     // second would show up here before the messages below are through).
     assert!(
-        wait_until(SETTLE, || async {
-            cluster.metric_sum("herald_connections").await == 1.0
-        })
-        .await,
+        connections_become(&cluster, 1.0).await,
         "8 shared tabs, one connection: {}",
         cluster.metric_sum("herald_connections").await
     );
@@ -342,10 +359,7 @@ async fn closing_the_leader_tab_hands_over_within_two_seconds_and_loses_nothing(
         "the new leader connected once"
     );
     assert!(
-        wait_until(SETTLE, || async {
-            cluster.metric_sum("herald_connections").await == 1.0
-        })
-        .await,
+        connections_become(&cluster, 1.0).await,
         "one connection after the handover: {}",
         cluster.metric_sum("herald_connections").await
     );
@@ -392,20 +406,15 @@ async fn a_reloaded_tab_resumes_from_its_cursor_and_a_reloaded_follower_gets_new
     // Whether that reload missed anything depends on how fast the page came
     // back. This one misses 10 for certain: they are published once its
     // stream is closed, so only a resume by cursor can show them.
-    tabs.command(json!({"cmd": "away", "tab": "lone"}), "away")
-        .await;
+    tabs.away("lone").await;
     assert!(
-        wait_until(SETTLE, || async {
-            cluster.metric_sum("herald_connections").await == 0.0
-        })
-        .await,
+        connections_become(&cluster, 0.0).await,
         "the page left: its stream closed"
     );
     let replayed_before = cluster.metric_sum("herald_replayed_messages_total").await;
     let missed = numbered("m", 10);
     publish_paced(&mut redis, &channel, &missed, Duration::from_millis(20)).await;
-    tabs.command(json!({"cmd": "back", "tab": "lone"}), "back")
-        .await;
+    tabs.back("lone").await;
     let want: Vec<String> = [&want[..], &missed].concat();
     let report = tabs
         .wait("the tab that was away has all 110", SETTLE, |r| {
@@ -434,16 +443,14 @@ async fn a_reloaded_tab_resumes_from_its_cursor_and_a_reloaded_follower_gets_new
     })
     .await;
     // Published while the follower's page is gone (a reload, paused).
-    tabs.command(json!({"cmd": "away", "tab": "follower"}), "away")
-        .await;
+    tabs.away("follower").await;
     let gap = numbered("g", 10);
     publish_paced(&mut redis, &channel, &gap, Duration::from_millis(20)).await;
     tabs.wait("the leader shows the gap", SETTLE, |r| {
         r.tab("lone").received.last() == gap.last()
     })
     .await;
-    tabs.command(json!({"cmd": "back", "tab": "follower"}), "back")
-        .await;
+    tabs.back("follower").await;
     tabs.wait("the follower is back", SETTLE, |r| {
         r.tab("follower").loads == 2 && r.state("follower") == Some("open")
     })
@@ -736,10 +743,7 @@ async fn offline_then_online_reconnects_at_once_and_loses_nothing() {
     })
     .await;
     assert!(
-        wait_until(SETTLE, || async {
-            cluster.metric_sum("herald_connections").await == 0.0
-        })
-        .await,
+        connections_become(&cluster, 0.0).await,
         "offline, the tab let its stream go"
     );
     let during = numbered("p", 10);
@@ -823,10 +827,7 @@ async fn a_leader_told_it_will_freeze_hands_over_and_follows() {
         .await;
     assert_eq!(report.tab(&leader).readies.len(), 2, "{report:#?}");
     assert!(
-        wait_until(SETTLE, || async {
-            cluster.metric_sum("herald_connections").await == 1.0
-        })
-        .await,
+        connections_become(&cluster, 1.0).await,
         "one connection: {}",
         cluster.metric_sum("herald_connections").await
     );
