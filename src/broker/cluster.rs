@@ -20,7 +20,11 @@
 //!
 //! Readiness is per shard: each master gets its own probe channel (a key
 //! hashed into one of its slots); the node is unready while a master that
-//! holds one of its subscribed slots does not answer.
+//! holds one of its subscribed slots does not answer. A probe proves a
+//! connection delivers, not that it still holds every channel: each probe
+//! tick also counts the shard subscriptions on every master's connection
+//! and resubscribes (ending the session as a change of shape) when one
+//! holds fewer than it should.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
@@ -214,6 +218,35 @@ async fn read_topology(store: &RedisStore) -> Result<Topology, BrokerError> {
         .map_err(|_| unavailable("CLUSTER SLOTS timed out"))?
         .map_err(|e| unavailable(format!("CLUSTER SLOTS: {e}")))?;
     Topology::parse(reply).ok_or_else(|| unavailable("unexpected CLUSTER SLOTS reply"))
+}
+
+/// How many of `keys` each master should hold a shard subscription to.
+fn expected_per_master(
+    topology: &Topology,
+    keys: impl Iterator<Item = String>,
+) -> BTreeMap<&str, usize> {
+    let mut expected = BTreeMap::new();
+    for key in keys {
+        if let Some(owner) = topology.owner(slot_of(&key)) {
+            *expected.entry(owner).or_insert(0) += 1;
+        }
+    }
+    expected
+}
+
+/// The `ssub=` count of a `CLIENT INFO` reply (Redis 7+); `None` if the
+/// reply has none.
+fn shard_subscriptions(reply: &Value) -> Option<usize> {
+    let text = match reply {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?,
+        Value::VerbatimString { text, .. } => text.as_str(),
+        Value::SimpleString(text) => text.as_str(),
+        _ => return None,
+    };
+    text.split_ascii_whitespace()
+        .find_map(|field| field.strip_prefix("ssub="))?
+        .parse()
+        .ok()
 }
 
 /// The channel name of a push (`smessage`/`sunsubscribe`: first element).
@@ -420,6 +453,9 @@ impl ShardedTask {
                         let reason = format!("shard {} does not answer its probe", down.addr);
                         return Ended::Lost(reason);
                     }
+                    if let Some(missing) = self.missing_subscriptions(&mut session).await {
+                        return Ended::Reshaped(missing);
+                    }
                     if reading.as_ref().is_none_or(|r| r.is_finished()) {
                         let (store, maps) = (self.store.clone(), maps.clone());
                         reading = Some(tokio::spawn(async move {
@@ -432,6 +468,52 @@ impl ShardedTask {
                 }
             }
         }
+    }
+
+    /// Which master holds fewer shard subscriptions of this session than
+    /// it should, if one does (a reason to resubscribe everything).
+    ///
+    /// The probes prove each master's connection delivers, not that every
+    /// channel is still subscribed on it: while a cluster forms, the
+    /// `redis` crate's slot refreshes can replace a master's connection and
+    /// leave a channel subscribed nowhere, `broadcast` included, with no
+    /// push to say so. `CLIENT INFO` on each master's connection (the one
+    /// its subscriptions live on) counts them. Runs inline, between pushes
+    /// and commands, so no (un)subscribe of ours is in flight; a master
+    /// that does not answer is the probes' business.
+    async fn missing_subscriptions(&self, session: &mut Session) -> Option<String> {
+        let prefix = self.prefix();
+        let keys = self
+            .subs
+            .desired
+            .iter()
+            .map(|c| c.pubsub_key(prefix))
+            .chain(session.shards.iter().map(|s| s.probe_key.clone()));
+        let expected = expected_per_master(&session.topology, keys);
+        for (addr, want) in expected {
+            let Some((host, port)) = addr.rsplit_once(':') else {
+                continue;
+            };
+            let Ok(port) = port.parse() else { continue };
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: host.to_owned(),
+                port,
+            });
+            let mut cmd = redis::cmd("CLIENT");
+            cmd.arg("INFO");
+            let reply =
+                tokio::time::timeout(COMMAND_TIMEOUT, session.conn.route_command(cmd, routing));
+            let Ok(Ok(reply)) = reply.await else { continue };
+            let Some(held) = shard_subscriptions(&reply) else {
+                continue;
+            };
+            if held < want {
+                return Some(format!(
+                    "{addr} holds {held} of this node's {want} shard subscriptions"
+                ));
+            }
+        }
+        None
     }
 
     /// Whether a desired channel (or `broadcast`) lives on `addr`.
@@ -537,5 +619,66 @@ impl ShardedTask {
             Ok(Err(e)) => Some(Ended::Lost(e.to_string())),
             Err(_) => Some(Ended::Lost("(un)subscribe timed out".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology(masters: &[(&str, u16, u16)]) -> Topology {
+        let mut map: BTreeMap<String, Vec<(u16, u16)>> = BTreeMap::new();
+        for (addr, start, end) in masters {
+            map.entry(addr.to_string())
+                .or_default()
+                .push((*start, *end));
+        }
+        Topology { masters: map }
+    }
+
+    #[test]
+    fn client_info_gives_the_shard_subscription_count() {
+        let line = "id=7 addr=127.0.0.1:50000 laddr=127.0.0.1:7000 fd=9 name= age=3 \
+                    idle=0 flags=P db=0 sub=0 psub=0 ssub=12 multi=-1 qbuf=0 cmd=client|info\n";
+        let bulk = Value::BulkString(line.as_bytes().to_vec());
+        assert_eq!(shard_subscriptions(&bulk), Some(12));
+        let verbatim = Value::VerbatimString {
+            format: redis::VerbatimFormat::Text,
+            text: line.to_owned(),
+        };
+        assert_eq!(shard_subscriptions(&verbatim), Some(12));
+        // Redis 6 has no ssub field; an error or a number is no count.
+        let old = Value::BulkString(b"id=7 sub=0 psub=0 multi=-1".to_vec());
+        assert_eq!(shard_subscriptions(&old), None);
+        assert_eq!(shard_subscriptions(&Value::Int(3)), None);
+        let garbage = Value::BulkString(b"ssub=many".to_vec());
+        assert_eq!(shard_subscriptions(&garbage), None);
+    }
+
+    #[test]
+    fn each_key_is_expected_on_the_master_of_its_slot() {
+        let map = topology(&[("a:1", 0, 8191), ("b:2", 8192, 16383)]);
+        let keys = ["herald:{broadcast}", "herald:user:{x}", "herald:user:{y}"];
+        let expected = expected_per_master(&map, keys.iter().map(|k| k.to_string()));
+        for key in keys {
+            assert!(map.owner(slot_of(key)).is_some());
+        }
+        let total: usize = expected.values().sum();
+        assert_eq!(total, keys.len());
+        for (addr, count) in &expected {
+            let here = keys
+                .iter()
+                .filter(|k| map.owner(slot_of(k)) == Some(*addr))
+                .count();
+            assert_eq!(*count, here, "{addr}");
+        }
+        // A key whose slot has no master (a forming cluster) is expected
+        // nowhere rather than miscounted.
+        let partial = topology(&[("a:1", 0, 100)]);
+        let outside = (0..)
+            .map(|n| format!("herald:user:{{{n}}}"))
+            .find(|k| slot_of(k) > 100)
+            .expect("some key hashes past slot 100");
+        assert!(expected_per_master(&partial, std::iter::once(outside)).is_empty());
     }
 }

@@ -936,6 +936,7 @@ impl Subscriptions {
             tracing::info!(channels, "redis pub/sub reconnected; refilling gaps");
             return self.deliveries.send(Delivery::Resubscribed).map_err(drop);
         }
+        tracing::info!(channels, "redis pub/sub subscribed");
         Ok(())
     }
 

@@ -376,6 +376,7 @@ async fn compose_cluster_runs_three_nodes_on_a_redis_cluster_with_sharded_pubsub
         ("REDIS_IMAGE", tools.to_string()),
         ("NGINX_IMAGE", tools.to_string()),
         ("NGINX_PORT", nginx_port.to_string()),
+        ("HERALD_LOG", "herald=debug".to_string()),
     ];
     let redis_vars = [
         "REDIS0_PORT",
@@ -460,8 +461,22 @@ async fn compose_cluster_runs_three_nodes_on_a_redis_cluster_with_sharded_pubsub
         json!("to every shard's clients"),
     )
     .await;
-    for sse in &mut direct {
-        let event = sse.next_data(WAIT).await.expect("the broadcast");
+    for (i, sse) in direct.iter_mut().enumerate() {
+        let Some(event) = sse.next_data(WAIT).await else {
+            // What the nodes saw is the only way to tell a subscription
+            // lost in the cluster's forming from one never made.
+            for service in ["herald1", "herald2", "herald3", "redis-cluster-create"] {
+                let logs = podman(&["logs", &compose.container(service)]);
+                eprintln!("--- {service}\n{logs}");
+            }
+            for port in &redis_ports {
+                let subscribers: Vec<redis::Value> =
+                    redis_query(*port, &["PUBSUB", "SHARDNUMSUB", "herald:{broadcast}"]);
+                let nodes: String = redis_query(*port, &["CLUSTER", "NODES"]);
+                eprintln!("--- redis {port}: {subscribers:?}\n{nodes}");
+            }
+            panic!("node {i}'s client never got the broadcast");
+        };
         assert_eq!(event.data(), "to every shard's clients");
     }
     // Sharded, not classic, pub/sub: `broadcast` is an SSUBSCRIBEd shard
