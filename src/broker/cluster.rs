@@ -596,67 +596,13 @@ impl ShardedTask {
     ) -> Option<Ended> {
         let result = match command {
             Command::Subscribe(channel, ack) => {
-                // Every subscribe already queued goes out at once, each to
-                // its shard: one round trip at a time made a node taking
-                // a draining node's clients time their subscribes out (and
-                // answer them 503) while the queue grew. One SSUBSCRIBE
-                // cannot carry them together: its channels must share a
-                // slot, and users' channels spread over all of them.
-                let mut acks = vec![ack];
-                let mut keys = Vec::new();
-                let mut next = None;
-                if self.subs.desired.insert(channel.clone()) {
-                    keys.push(channel.pubsub_key(prefix));
-                }
-                while acks.len() < SUBSCRIBE_BATCH {
-                    match self.subs.commands.try_recv() {
-                        Ok(Command::Subscribe(channel, ack)) => {
-                            if self.subs.desired.insert(channel.clone()) {
-                                keys.push(channel.pubsub_key(prefix));
-                            }
-                            acks.push(ack);
-                        }
-                        Ok(other) => {
-                            next = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                let subscribes = keys.iter().map(|key| {
-                    let mut conn = session.conn.clone();
-                    async move { conn.ssubscribe(key).await }
-                });
-                let done = tokio::time::timeout(
-                    COMMAND_TIMEOUT,
-                    futures_util::future::join_all(subscribes),
-                )
-                .await
-                .map(|results| {
-                    results
-                        .into_iter()
-                        .collect::<Result<Vec<()>, _>>()
-                        .map(drop)
-                });
-                let ok = matches!(done, Ok(Ok(())));
-                for ack in acks {
-                    let _ = self
-                        .subs
-                        .settle(if ok { Ok(Ok::<(), ()>(())) } else { Err(()) }, ack);
-                }
-                match next {
-                    Some(next) if ok => {
-                        return Box::pin(self.on_command(session, prefix, next)).await
-                    }
-                    // The session ends on the failure; the next one
-                    // subscribes what is desired, so an unsubscribe
-                    // taken off the queue must still count.
-                    Some(Command::Unsubscribe(channel)) if !channel.is_permanent() => {
-                        self.subs.desired.remove(&channel);
-                    }
-                    _ => {}
-                }
-                done
+                let key = channel.pubsub_key(prefix);
+                let done = if self.subs.desired.insert(channel) {
+                    tokio::time::timeout(COMMAND_TIMEOUT, session.conn.ssubscribe(&key)).await
+                } else {
+                    Ok(Ok(()))
+                };
+                self.subs.settle(done, ack)
             }
             Command::Unsubscribe(channel) => {
                 if !channel.is_permanent() && self.subs.desired.remove(&channel) {

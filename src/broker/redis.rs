@@ -1169,14 +1169,6 @@ impl PubSubTask {
                         for ack in acks {
                             let _ = self.subs.settle(if ok { Ok(Ok::<(), ()>(())) } else { Err(()) }, ack);
                         }
-                        if let (false, Some(Command::Unsubscribe(channel))) = (ok, &next) {
-                            // The session ends below and the next one
-                            // subscribes what is desired: an unsubscribe
-                            // taken off the queue must still count.
-                            if !channel.is_permanent() {
-                                self.subs.desired.remove(channel);
-                            }
-                        }
                         match done {
                             Ok(Ok(())) => {}
                             Ok(Err(e)) => return Ended::Lost(e.to_string()),
