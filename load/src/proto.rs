@@ -49,6 +49,8 @@ pub(crate) struct WorkerPlan {
     /// Fixed reconnect delay instead of the server's `retry:`.
     pub(crate) retry_ms: Option<u64>,
     pub(crate) connect_timeout_ms: u64,
+    /// `--poll-interval` in µs (0: the worker sleeps in `epoll_wait`).
+    pub(crate) poll_interval_us: u64,
     /// Unix microseconds the run started at (seeds, until `Start` moves
     /// the per-second series' origin to the start of publishing).
     pub(crate) epoch_us: u64,

@@ -445,6 +445,7 @@ async fn run(scenario: Scenario, args: &RunArgs) -> anyhow::Result<(Report, Hist
             },
             retry_ms: args.retry.map(|d| d.as_millis() as u64),
             connect_timeout_ms: args.connect_timeout.as_millis() as u64,
+            poll_interval_us: args.poll_interval.as_micros() as u64,
             epoch_us,
             report_ms: 200,
             mixed: None,

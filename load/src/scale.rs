@@ -50,7 +50,7 @@ use crate::proto::{
 use crate::publish::{self, PublishPlan, Published, Via};
 use crate::report::Pcts;
 use crate::run::{shares, Fleet, Ui};
-use crate::{parse_duration, Kind, Signal};
+use crate::{parse_duration, Kind, Signal, POLL_INTERVAL, POLL_INTERVAL_HELP};
 use herald::fuzzing::Channel;
 
 /// How long the end of a run waits with nothing arriving before it
@@ -149,6 +149,8 @@ pub(crate) struct ScaleArgs {
     /// connections needs more than the other scenarios' 16.
     #[arg(long, default_value_t = 64)]
     pub(crate) source_addrs: usize,
+    #[arg(long, default_value = POLL_INTERVAL, value_parser = parse_duration, help = POLL_INTERVAL_HELP)]
+    pub(crate) poll_interval: Duration,
     /// Where node logs go [default: a new directory under /tmp].
     #[arg(long)]
     pub(crate) work_dir: Option<PathBuf>,
@@ -873,6 +875,7 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
             churn_per_s: 0.0,
             retry_ms: None,
             connect_timeout_ms: 10_000,
+            poll_interval_us: args.poll_interval.as_micros() as u64,
             epoch_us,
             report_ms: 250,
             mixed: Some(Mixed {
