@@ -1053,7 +1053,6 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
     let mut phase = 0usize;
     let mut phase_starts = vec![0.0f64];
     let mut balance_at_end = 0.0;
-    let n_total = total_nodes as f64;
     loop {
         fleet
             .pump(Instant::now() + Duration::from_millis(100), &mut ui, |_| {
@@ -1116,9 +1115,9 @@ async fn run(args: &ScaleArgs) -> anyhow::Result<ScaleReport> {
                 .iter()
                 .map(|n| if n.up { n.connections } else { 0 })
                 .collect();
-            let max = counts.iter().copied().max().unwrap_or(0) as f64;
-            balance_at_end = max / (plan.connections as f64 / n_total);
-            if balanced_at.is_none() && balance_at_end <= plan.balance {
+            let (ratio, balanced) = balance(&counts, plan.connections, plan.balance);
+            balance_at_end = ratio;
+            if balanced_at.is_none() && balanced {
                 balanced_at = Some(Instant::now());
             }
             // Hold the balance a few seconds under traffic, then stop.
@@ -1855,8 +1854,34 @@ pub(crate) fn markdown(r: &ScaleReport) -> String {
     o
 }
 
+/// The fullest node's connections over the mean a node should hold, and
+/// whether that is within `limit` with (nearly) every client back on a
+/// node: nodes that shed clients still in backoff are "under the mean"
+/// without being balanced. 1 % is left for clients between an age close
+/// and their next stream.
+fn balance(counts: &[u64], connections: u64, limit: f64) -> (f64, bool) {
+    let mean = connections as f64 / counts.len().max(1) as f64;
+    let max = counts.iter().copied().max().unwrap_or(0) as f64;
+    let held = counts.iter().sum::<u64>() as f64;
+    let ratio = max / mean;
+    (ratio, held >= connections as f64 * 0.99 && ratio <= limit)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn balanced_needs_the_clients_back_as_well_as_an_even_spread() {
+        // Even, everyone connected.
+        assert_eq!(super::balance(&[100, 100, 100, 100], 400, 1.2), (1.0, true));
+        // One node holds too many.
+        assert!(!super::balance(&[160, 80, 80, 80], 400, 1.2).1);
+        // Even and low, but a third of the clients are not on any node.
+        let (ratio, balanced) = super::balance(&[66, 66, 68, 66], 400, 1.2);
+        assert!(ratio < 1.2 && !balanced);
+        // A few clients between streams still count as back.
+        assert!(super::balance(&[100, 99, 99, 99], 400, 1.2).1);
+    }
+
     use super::*;
 
     #[test]
