@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{FutureExt as _, StreamExt as _};
+use futures_util::FutureExt as _;
 use tokio::sync::{mpsc, watch};
 
 use crate::broker::{Broker, BrokerError, Delivery, History};
@@ -33,8 +33,6 @@ use crate::metrics::{self, CloseReason};
 /// Extra attempts at a history read while refilling after a reconnect.
 const REFILL_RETRIES: usize = 3;
 const REFILL_RETRY_DELAY: Duration = Duration::from_millis(250);
-/// History reads a refill has in flight at once.
-const REFILL_CONCURRENCY: usize = 64;
 
 /// A connection refused by a limit.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -454,18 +452,25 @@ impl Hub {
             .collect();
         let max_payload = self.shared.config.max_payload;
         let mut refilled = 0usize;
-        // Many reads at a time: one after another, a node with 14,000
-        // users' channels spent over 30 s here under load, delivering
-        // nothing meanwhile (this runs on the dispatch task). Each
-        // channel's entries still arrive whole and in order.
-        let reads = futures_util::stream::iter(active)
-            .map(|(channel, after)| async move {
-                let read = self.history_for_refill(&channel, after).await;
-                (channel, read)
-            })
-            .buffer_unordered(REFILL_CONCURRENCY);
-        let mut reads = std::pin::pin!(reads);
-        while let Some((channel, read)) = reads.next().await {
+        for (channel, after) in active {
+            // Redis may still be loading its data right after a restart:
+            // a failed read is tried a few times before giving up.
+            let mut read = self
+                .shared
+                .broker
+                .history_after(&channel, after, usize::MAX)
+                .await;
+            for _ in 0..REFILL_RETRIES {
+                if read.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(REFILL_RETRY_DELAY).await;
+                read = self
+                    .shared
+                    .broker
+                    .history_after(&channel, after, usize::MAX)
+                    .await;
+            }
             match read {
                 Ok(History::Entries(entries)) => {
                     for (_, payload) in entries {
@@ -491,26 +496,6 @@ impl Hub {
             }
         }
         tracing::info!(refilled, elapsed = ?started.elapsed(), "refilled channels after broker reconnect");
-    }
-
-    /// One channel's history after `after`. Redis may still be loading its
-    /// data right after a restart: a failed read is tried a few times
-    /// before giving up.
-    async fn history_for_refill(
-        &self,
-        channel: &Channel,
-        after: StreamId,
-    ) -> Result<History, BrokerError> {
-        let broker = &self.shared.broker;
-        let mut read = broker.history_after(channel, after, usize::MAX).await;
-        for _ in 0..REFILL_RETRIES {
-            if read.is_ok() {
-                break;
-            }
-            tokio::time::sleep(REFILL_RETRY_DELAY).await;
-            read = broker.history_after(channel, after, usize::MAX).await;
-        }
-        read
     }
 }
 
@@ -715,7 +700,6 @@ fn jittered_age(age: Duration) -> u64 {
 mod tests {
     use super::*;
     use crate::broker::memory::MemoryBroker;
-    use crate::broker::Store as _;
 
     fn message(channel: &Channel, id: u64) -> Delivery {
         let data = serde_json::value::to_raw_value(&id).expect("a number");
@@ -725,156 +709,6 @@ mod tests {
             channel: channel.clone(),
             payload: Bytes::from(payload),
         }
-    }
-
-    /// The memory broker, counting the history reads in flight at once.
-    struct CountingReads {
-        inner: MemoryBroker,
-        in_flight: AtomicU64,
-        most: AtomicU64,
-    }
-
-    impl crate::broker::Store for CountingReads {
-        fn publish<'a>(
-            &'a self,
-            channel: &'a Channel,
-            event: Option<&'a str>,
-            data: &'a serde_json::value::RawValue,
-        ) -> futures_util::future::BoxFuture<'a, Result<StreamId, BrokerError>> {
-            self.inner.publish(channel, event, data)
-        }
-        fn history_after<'a>(
-            &'a self,
-            channel: &'a Channel,
-            after: StreamId,
-            limit: usize,
-        ) -> futures_util::future::BoxFuture<'a, Result<History, BrokerError>> {
-            async move {
-                let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                self.most.fetch_max(now, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                self.in_flight.fetch_sub(1, Ordering::SeqCst);
-                self.inner.history_after(channel, after, limit).await
-            }
-            .boxed()
-        }
-        fn tip<'a>(
-            &'a self,
-            channel: &'a Channel,
-        ) -> futures_util::future::BoxFuture<'a, Result<StreamId, BrokerError>> {
-            self.inner.tip(channel)
-        }
-        fn history_before<'a>(
-            &'a self,
-            channel: &'a Channel,
-            before: Option<StreamId>,
-            limit: usize,
-        ) -> futures_util::future::BoxFuture<'a, Result<crate::broker::Page, BrokerError>> {
-            self.inner.history_before(channel, before, limit)
-        }
-        fn revoke<'a>(
-            &'a self,
-            user: &'a Channel,
-            before: u64,
-            ttl: Duration,
-        ) -> futures_util::future::BoxFuture<'a, Result<(), BrokerError>> {
-            self.inner.revoke(user, before, ttl)
-        }
-        fn revoked_before<'a>(
-            &'a self,
-            user: &'a Channel,
-        ) -> futures_util::future::BoxFuture<'a, Result<Option<u64>, BrokerError>> {
-            self.inner.revoked_before(user)
-        }
-        fn report_presence<'a>(
-            &'a self,
-            node: &'a str,
-            changes: &'a [(Channel, usize)],
-            ttl: Duration,
-        ) -> futures_util::future::BoxFuture<'a, Result<bool, BrokerError>> {
-            self.inner.report_presence(node, changes, ttl)
-        }
-        fn presence<'a>(
-            &'a self,
-            channel: &'a Channel,
-        ) -> futures_util::future::BoxFuture<'a, Result<crate::broker::Presence, BrokerError>>
-        {
-            self.inner.presence(channel)
-        }
-    }
-
-    impl Broker for CountingReads {
-        fn subscribe(
-            &self,
-            channel: &Channel,
-        ) -> futures_util::future::BoxFuture<'static, Result<(), BrokerError>> {
-            self.inner.subscribe(channel)
-        }
-        fn unsubscribe(&self, channel: &Channel) {
-            self.inner.unsubscribe(channel)
-        }
-        fn is_connected(&self) -> bool {
-            self.inner.is_connected()
-        }
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_refill_reads_many_channels_at_once_and_misses_none() {
-        let (deliveries, mut incoming) = mpsc::unbounded_channel();
-        let broker = Arc::new(CountingReads {
-            inner: MemoryBroker::new(deliveries.clone(), 16, Duration::from_secs(60)),
-            in_flight: AtomicU64::new(0),
-            most: AtomicU64::new(0),
-        });
-        let hub = Hub::new(
-            broker.clone(),
-            HubConfig {
-                max_connections: 10_000,
-                max_connections_per_user: 4,
-                queue_capacity: 16,
-                max_payload: 1024,
-                heartbeat: Duration::from_secs(60),
-                max_connection_age: None,
-            },
-        );
-        let users: Vec<Channel> = (0..200)
-            .map(|i| Channel::parse(&format!("user:u{i}")).expect("valid"))
-            .collect();
-        let mut subs = Vec::new();
-        for (i, user) in users.iter().enumerate() {
-            let mut sub = hub
-                .connect(&format!("u{i}"), vec![user.clone()], u64::MAX)
-                .expect("room");
-            sub.wait_live(Duration::from_secs(5)).await.expect("live");
-            subs.push(sub);
-        }
-        // Published while "disconnected": in history, never delivered live
-        // (the dispatch task is not running yet; their live copies go).
-        let data = serde_json::value::to_raw_value(&1).expect("a number");
-        for user in &users {
-            broker
-                .inner
-                .publish(user, None, &data)
-                .await
-                .expect("stored");
-        }
-        let mut dropped = 0;
-        while let Ok(Delivery::Message { .. }) = incoming.try_recv() {
-            dropped += 1;
-        }
-        assert_eq!(dropped, users.len());
-        deliveries.send(Delivery::Resubscribed).expect("open");
-        let (control, _control) = mpsc::channel(1);
-        tokio::spawn(hub.clone().dispatch_from(incoming, control));
-        for sub in &subs {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while sub.mailbox.try_pop().is_none() {
-                assert!(Instant::now() < deadline, "a channel was not refilled");
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
-        let most = broker.most.load(Ordering::SeqCst);
-        assert!(most > 1, "the refill read {most} channel at a time");
     }
 
     #[tokio::test(flavor = "current_thread")]
