@@ -50,37 +50,22 @@ pub(crate) fn run() -> anyhow::Result<()> {
             plan.index, plan.clients
         );
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let local = tokio::task::LocalSet::new();
+    let mut rt = tokio::runtime::Builder::new_current_thread();
+    rt.enable_all();
+    // `--poll-interval`: with nothing left to run, the worker naps before
+    // it waits in `epoll_wait`, and what became readable meanwhile is
+    // ready at once. On loopback the node's `send` runs the receiving
+    // side's TCP stack too, including waking a receiver asleep in
+    // `epoll_wait` (on a VM a cross-CPU interrupt); a browser's machine
+    // pays that itself, not the server's. A busy worker never naps; an
+    // event waits at most one nap longer.
     if plan.poll_interval_us > 0 {
-        local.spawn_local(poll_between_naps(Duration::from_micros(
-            plan.poll_interval_us,
-        )));
+        let nap = Duration::from_micros(plan.poll_interval_us);
+        rt.on_thread_park(move || std::thread::sleep(nap));
     }
+    let rt = rt.build()?;
+    let local = tokio::task::LocalSet::new();
     local.block_on(&rt, worker_main(plan))
-}
-
-/// Keeps the worker's thread out of `epoll_wait` (`--poll-interval`): it
-/// naps, then the runtime reads whatever sockets became readable meanwhile,
-/// then it naps again once nothing else is left to run.
-///
-/// Why: on loopback the node's `send` runs the receiving side's TCP stack
-/// too, and when the receiver sleeps in `epoll_wait` that includes waking
-/// its thread, on a VM a cross-CPU interrupt. A worker holding thousands
-/// of connections was woken for nearly every event of a broadcast. A
-/// browser's machine pays that cost itself, not the server's, so charging
-/// it to the nodes overstated their CPU: on 14,000 connections the nodes'
-/// CPU per million deliveries fell from 17.5 to 13.7 s, the generator's own
-/// from 12.9 to 9.4 s. Each event waits at most one nap longer.
-async fn poll_between_naps(nap: Duration) {
-    loop {
-        std::thread::sleep(nap);
-        // The runtime polls its I/O driver (without blocking) before it
-        // runs a yielded task again.
-        tokio::task::yield_now().await;
-    }
 }
 
 /// One client's account, kept in the worker's shared state.
