@@ -28,7 +28,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
@@ -417,9 +416,14 @@ impl ShardedTask {
                 _ = probe.tick() => {
                     for shard in &mut session.shards {
                         if let Some((_, sent)) = shard.outstanding {
-                            let pushed = last_push > sent;
-                            let queued = !session.pushes.is_empty();
-                            if still_waiting(sent.elapsed(), interval, pushed, queued) {
+                            // Late while pushes keep coming: the relay is
+                            // reading a backlog, and giving up would add a
+                            // resubscribe and a refill to it. Up to
+                            // SLOW_PROBE_LIMIT intervals, as with one Redis
+                            // (a dead shard among live ones is found then).
+                            let waited = sent.elapsed();
+                            let moving = last_push > sent && waited < interval * SLOW_PROBE_LIMIT;
+                            if waited < interval / 2 || moving {
                                 continue;
                             }
                             // Down; probed again from the next tick, so it
@@ -618,36 +622,9 @@ impl ShardedTask {
     }
 }
 
-/// Whether a shard's probe, out for `waited`, may still come back:
-/// shortly after it went out, or while pushes keep coming (one was read
-/// since it went out, or some wait in the queue: after a long
-/// (un)subscribe the relay has not read them yet, and every shard would
-/// look silent). Then the relay is reading a backlog, and giving
-/// up would add a resubscribe and a refill to it; but only up to
-/// SLOW_PROBE_LIMIT intervals, as with one Redis (a dead shard among live
-/// ones is found then).
-fn still_waiting(waited: Duration, interval: Duration, pushed: bool, queued: bool) -> bool {
-    waited < interval / 2 || ((pushed || queued) && waited < interval * SLOW_PROBE_LIMIT)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_late_probe_is_waited_for_only_while_pushes_come() {
-        let interval = Duration::from_secs(5);
-        let s = Duration::from_secs;
-        assert!(still_waiting(s(2), interval, false, false));
-        // Silent since it went out: down.
-        assert!(!still_waiting(s(3), interval, false, false));
-        // Pushes read since, or waiting unread: a backlog, not a dead shard.
-        assert!(still_waiting(s(3), interval, true, false));
-        assert!(still_waiting(s(3), interval, false, true));
-        assert!(still_waiting(s(29), interval, false, true));
-        // But not for ever.
-        assert!(!still_waiting(s(30), interval, true, true));
-    }
 
     fn topology(masters: &[(&str, u16, u16)]) -> Topology {
         let mut map: BTreeMap<String, Vec<(u16, u16)>> = BTreeMap::new();
