@@ -121,10 +121,10 @@ pub(crate) enum Signal {
 /// `--poll-interval`, of every scenario.
 pub(crate) const POLL_INTERVAL: &str = "0.5ms";
 pub(crate) const POLL_INTERVAL_HELP: &str =
-    "How long a load-generator process naps between reads of its sockets \
-    (0: it sleeps in epoll_wait and is woken per event). Napping keeps the cost of waking the \
-    generator out of the server's CPU figures (on loopback the sender pays it); an event waits \
-    at most one nap longer";
+    "How long a load-generator process with nothing left to run naps before it waits in \
+    epoll_wait (0: it waits at once, and is woken per event). Napping keeps the cost of waking \
+    the generator out of the server's CPU figures (on loopback the sender pays it); a busy \
+    process never naps, and an event waits at most one nap longer";
 
 /// Options shared by every scenario.
 #[derive(Args, Debug, Clone)]

@@ -1869,20 +1869,20 @@ fn balance(counts: &[u64], connections: u64, limit: f64) -> (f64, bool) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn balanced_needs_the_clients_back_as_well_as_an_even_spread() {
         // Even, everyone connected.
-        assert_eq!(super::balance(&[100, 100, 100, 100], 400, 1.2), (1.0, true));
+        assert_eq!(balance(&[100, 100, 100, 100], 400, 1.2), (1.0, true));
         // One node holds too many.
-        assert!(!super::balance(&[160, 80, 80, 80], 400, 1.2).1);
+        assert!(!balance(&[160, 80, 80, 80], 400, 1.2).1);
         // Even and low, but a third of the clients are not on any node.
-        let (ratio, balanced) = super::balance(&[66, 66, 68, 66], 400, 1.2);
+        let (ratio, balanced) = balance(&[66, 66, 68, 66], 400, 1.2);
         assert!(ratio < 1.2 && !balanced);
         // A few clients between streams still count as back.
-        assert!(super::balance(&[100, 99, 99, 99], 400, 1.2).1);
+        assert!(balance(&[100, 99, 99, 99], 400, 1.2).1);
     }
-
-    use super::*;
 
     #[test]
     fn the_unicast_multiplier_permutes_the_users() {
