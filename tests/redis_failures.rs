@@ -364,6 +364,65 @@ async fn a_silently_dead_pubsub_connection_is_detected_and_its_gap_refilled() {
     assert!(!alice.ended());
 }
 
+/// The refill reads many channels' history in batches, each read answered
+/// out of one shared connection: every user must get what was published
+/// to them during the silence, once, and nothing of anyone else's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_silence_each_of_many_users_is_refilled_with_their_own_gap() {
+    // More users than one refill batch (512 channels).
+    const USERS: usize = 700;
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.port()).await;
+    let url = proxy.url();
+    let node = Node::start(&["--redis-url", &url, "--redis-probe-interval", "500ms"]);
+    let mut streams = Vec::with_capacity(USERS);
+    for i in 0..USERS {
+        streams.push(Sse::open(&node, &token(&format!("u{i}"))).await);
+    }
+    let mut app = Resp::connect(redis.port()).await;
+    let sha = app.load_publish_script().await;
+
+    proxy.blackhole_existing();
+    for i in 0..USERS {
+        let data = format!(r#""gap for u{i}""#);
+        app.script_publish(&sha, &format!("user:u{i}"), "", &data)
+            .await;
+    }
+    let ready = wait_until(Duration::from_secs(20), || async {
+        readyz(&node).await == StatusCode::OK
+            && metric(&node, "herald_redis_reconnects_total").await >= 1.0
+    })
+    .await;
+    assert!(ready, "no reconnect\nstderr:\n{}", node.stderr_tail());
+    for i in 0..USERS {
+        let data = format!(r#""after for u{i}""#);
+        app.script_publish(&sha, &format!("user:u{i}"), "", &data)
+            .await;
+    }
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let got = stream.collect(2, WAIT).await;
+        assert_eq!(
+            payloads(&got),
+            [format!("gap for u{i}"), format!("after for u{i}")],
+            "user u{i}\nstderr:\n{}",
+            node.stderr_tail()
+        );
+        assert!(!stream.ended(), "u{i}'s stream was cut");
+    }
+    // Nothing more (no copy of either) came meanwhile.
+    publish_ok(&node, "broadcast", json!("last")).await;
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let event = stream.next_data(WAIT).await;
+        assert_eq!(data_of(event, "the broadcast"), "last", "user u{i}");
+    }
+    assert!(
+        node.stderr_tail()
+            .contains("refilled channels after broker reconnect"),
+        "the gap came by refill\nstderr:\n{}",
+        node.stderr_tail()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pubsub_connection_that_is_late_but_delivering_is_kept() {
     let Proxied {

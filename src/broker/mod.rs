@@ -74,7 +74,7 @@ pub struct Page {
 }
 
 /// Broker failures; all of them are transient from a client's view (503).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     /// Redis unreachable or a command failed.
     #[error("broker unavailable: {0}")]
@@ -104,6 +104,24 @@ pub(crate) trait Store: Send + Sync + 'static {
         after: StreamId,
         limit: usize,
     ) -> BoxFuture<'a, Result<History, BrokerError>>;
+
+    /// Every entry after each channel's position (no limit: a refill after
+    /// a reconnect), answered in the order asked. Redis: the history script
+    /// once per channel, all of them in flight at once on one connection,
+    /// so many channels cost a few round trips rather than one each.
+    /// Callers keep `reads` to a bounded batch: the answers are all held.
+    fn histories_after<'a>(
+        &'a self,
+        reads: &'a [(Channel, StreamId)],
+    ) -> BoxFuture<'a, Vec<Result<History, BrokerError>>> {
+        Box::pin(async move {
+            let mut answers = Vec::with_capacity(reads.len());
+            for (channel, after) in reads {
+                answers.push(self.history_after(channel, *after, usize::MAX).await);
+            }
+            answers
+        })
+    }
 
     /// The id of the channel's newest entry, [`StreamId::ZERO`] if none.
     fn tip<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<StreamId, BrokerError>>;

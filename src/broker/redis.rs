@@ -170,6 +170,22 @@ const PRESENCE_BATCH: usize = 500;
 /// Most nodes a presence read asks (a bound on what the sorted set holds).
 const MAX_PRESENCE_NODES: usize = 1024;
 
+/// Runs every call at once, each on a clone of `conn` (the clones share
+/// its socket) and each under [`COMMAND_TIMEOUT`]; the answers in order.
+async fn run_all<C>(
+    conn: &C,
+    evals: &[Eval<'_>],
+) -> Vec<Result<redis::RedisResult<Value>, tokio::time::error::Elapsed>>
+where
+    C: redis::aio::ConnectionLike + Clone + Send,
+{
+    futures_util::future::join_all(evals.iter().map(|eval| {
+        let mut conn = conn.clone();
+        async move { tokio::time::timeout(COMMAND_TIMEOUT, eval.run(&mut conn)).await }
+    }))
+    .await
+}
+
 /// What can be sent to Redis on a pooled connection.
 pub(super) enum Request<'a> {
     Cmd(&'a redis::Cmd),
@@ -420,20 +436,77 @@ impl RedisStore {
             .map_err(|_| unavailable("publish script returned a bad id"))
     }
 
+    /// The history script's call for entries of `channel` after `after`,
+    /// at most `limit` (it asks for one more: getting it means a gap).
+    fn history_eval(&self, channel: &Channel, after: StreamId, limit: usize) -> Eval<'_> {
+        let count = limit.saturating_add(1).min(i64::MAX as usize);
+        let mut eval = Eval::new(&self.history, 1, 128);
+        eval.arg(channel.history_key(&self.config.prefix))
+            .arg(after.to_string())
+            .arg(count);
+        eval
+    }
+
     async fn read_history(
         &self,
         channel: &Channel,
         after: StreamId,
         limit: usize,
     ) -> Result<History, BrokerError> {
-        // Ask for one more than the limit: getting it means a gap.
-        let count = limit.saturating_add(1).min(i64::MAX as usize);
-        let mut eval = Eval::new(&self.history, 1, 128);
-        eval.arg(channel.history_key(&self.config.prefix))
-            .arg(after.to_string())
-            .arg(count);
+        let eval = self.history_eval(channel, after, limit);
         let reply: Value = self.query(Request::Script(&eval), "history read").await?;
         parse_history(reply, after, limit).ok_or_else(|| unavailable("unexpected history reply"))
+    }
+
+    /// [`Store::histories_after`]: every read sent at once on one
+    /// connection (a multiplexed connection, or the cluster's, writes them
+    /// out together and matches the answers as they come), so it takes one
+    /// pooled connection, not one per read in flight.
+    async fn read_histories(
+        &self,
+        reads: &[(Channel, StreamId)],
+    ) -> Vec<Result<History, BrokerError>> {
+        let evals: Vec<Eval<'_>> = reads
+            .iter()
+            .map(|(channel, after)| self.history_eval(channel, *after, usize::MAX))
+            .collect();
+        let replies = match &self.backend {
+            Backend::Single(pool) => match pool.get().await {
+                Ok(conn) => {
+                    let replies = run_all(&(*conn).clone(), &evals).await;
+                    // As `settle`: a connection that broke or timed out is
+                    // not handed out again.
+                    if replies.iter().any(|r| match r {
+                        Ok(Err(e)) => {
+                            e.is_timeout() || e.is_io_error() || e.is_unrecoverable_error()
+                        }
+                        Ok(Ok(_)) => false,
+                        Err(_) => true,
+                    }) {
+                        let _ = Object::take(conn);
+                    }
+                    replies
+                }
+                Err(error) => {
+                    let error = unavailable(error);
+                    return reads.iter().map(|_| Err(error.clone())).collect();
+                }
+            },
+            Backend::Cluster(cluster) => match cluster.get().await {
+                Ok(conn) => run_all(&conn, &evals).await,
+                Err(error) => return reads.iter().map(|_| Err(error.clone())).collect(),
+            },
+        };
+        replies
+            .into_iter()
+            .zip(reads)
+            .map(|(reply, (_, after))| match reply {
+                Ok(Ok(reply)) => parse_history(reply, *after, usize::MAX)
+                    .ok_or_else(|| unavailable("unexpected history reply")),
+                Ok(Err(e)) => Err(unavailable(format!("history read: {e}"))),
+                Err(_) => Err(unavailable("history read timed out")),
+            })
+            .collect()
     }
 
     async fn read_tip(&self, channel: &Channel) -> Result<StreamId, BrokerError> {
@@ -672,6 +745,13 @@ impl Store for RedisStore {
         Box::pin(self.read_history(channel, after, limit))
     }
 
+    fn histories_after<'a>(
+        &'a self,
+        reads: &'a [(Channel, StreamId)],
+    ) -> BoxFuture<'a, Vec<Result<History, BrokerError>>> {
+        Box::pin(self.read_histories(reads))
+    }
+
     fn tip<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<StreamId, BrokerError>> {
         Box::pin(self.read_tip(channel))
     }
@@ -803,6 +883,13 @@ impl Store for RedisBroker {
         limit: usize,
     ) -> BoxFuture<'a, Result<History, BrokerError>> {
         self.store.history_after(channel, after, limit)
+    }
+
+    fn histories_after<'a>(
+        &'a self,
+        reads: &'a [(Channel, StreamId)],
+    ) -> BoxFuture<'a, Vec<Result<History, BrokerError>>> {
+        self.store.histories_after(reads)
     }
 
     fn tip<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<StreamId, BrokerError>> {
